@@ -1,0 +1,86 @@
+"""Backends evaluate losses of B replicas; a client talks to this interface, never to a model class.
+
+``EagerBackend`` runs a PyTorch/transformers model with :class:`~fedprge.adapters.LoRAFA` adapters. The
+ExecuTorch backend (``clients/``) implements the same two methods over a .pte program.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedprge.adapters import LoRAFA
+
+Batch = dict[str, torch.Tensor]  # input_ids, attention_mask, labels: (bs, T) int64
+
+
+class Backend(Protocol):
+    num_params: int
+
+    def losses(self, b: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Mean token NLL of ``batch`` under each replica of ``b`` (dup, P) -> (dup,), in ONE forward."""
+        ...
+
+    def example_nll(self, b: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example summed NLL over target tokens and the number of target tokens, for state ``b`` (P,)."""
+        ...
+
+
+class EagerBackend:
+    """A causal LM with LoRA-FA adapters, evaluated in eager PyTorch.
+
+    The batch is repeated ``dup`` times (outer loop: q directions; inner loop: +eps/-eps) and replica k sees
+    B_k. The LM head and the loss are computed only at positions that carry a label, in chunks, so the
+    vocabulary-sized logits never exist for the whole enlarged batch at once.
+    """
+
+    def __init__(self, model: nn.Module, lora: LoRAFA, chunk_rows: int = 1024) -> None:
+        self.model = model
+        self.lora = lora
+        self.num_params = lora.num_params
+        self.chunk_rows = chunk_rows
+        self.trunk = model.base_model  # the decoder without the LM head (e.g. LlamaModel)
+        self.head = model.get_output_embeddings()
+
+    def _nll(self, b: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed NLL per (replica, example) -> (dup, bs), and target-token counts per example (bs,)."""
+        b = b if b.dim() == 2 else b.unsqueeze(0)
+        dup, (bs, _) = b.shape[0], batch["input_ids"].shape
+        ids = batch["input_ids"].repeat(dup, 1)
+        mask = batch["attention_mask"].repeat(dup, 1)
+        with self.lora.use(b):
+            hidden = self.trunk(input_ids=ids, attention_mask=mask).last_hidden_state
+        targets = batch["labels"][:, 1:].repeat(dup, 1)
+        sel = targets != -100
+        rows = hidden[:, :-1][sel]
+        tgt = targets[sel]
+        owner = torch.arange(dup * bs).unsqueeze(1).expand_as(targets)[sel]
+        nll = (
+            torch.cat(
+                [
+                    F.cross_entropy(
+                        self.head(rows[i : i + self.chunk_rows]).float(),
+                        tgt[i : i + self.chunk_rows],
+                        reduction="none",
+                    )
+                    for i in range(0, rows.shape[0], self.chunk_rows)
+                ]
+            )
+            if rows.shape[0]
+            else rows.new_zeros(0, dtype=torch.float32)
+        )
+        sums = torch.zeros(dup * bs, dtype=torch.float32).index_add_(0, owner, nll)
+        counts = (batch["labels"][:, 1:] != -100).sum(1)
+        return sums.reshape(dup, bs), counts
+
+    def losses(self, b: torch.Tensor, batch: Batch) -> torch.Tensor:
+        sums, counts = self._nll(b, batch)
+        return sums.sum(1) / counts.sum().clamp(min=1)
+
+    def example_nll(self, b: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            sums, counts = self._nll(b.reshape(1, -1), batch)
+        return sums[0], counts

@@ -1,0 +1,113 @@
+r"""P-RGE: parallelized randomized gradient estimation on the LoRA-FA state B (flat vector b of P entries).
+
+One step with q directions z_1..z_q (each a pure function of a seed, :mod:`fedprge.rng`):
+
+    L^+_i = L(b + eps z_i),   L^-_i = L(b - eps z_i)          all 2q in ONE batched forward
+    g_i   = (L^+_i - L^-_i) / (2 eps)                          the scalar projected gradients
+    b    <- b - lr * (1/q) * sum_i g_i z_i                     no autograd graph, no optimizer state
+
+The q directions are the outer loop, the +/- pair the inner loop of the paper's parallelism. The pair
+(seeds, g) is everything needed to replay the step: :func:`apply_update` is the only code that changes b, and
+both clients and the server call it, so a server's reconstruction cannot drift from what a client trained.
+Because the update is linear in g, a weighted average of client updates is itself a replay (FedKSeed's
+argument); this needs a constant lr and no weight decay, which is why there are none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fedprge import rng
+
+LossFn = Callable[[torch.Tensor], torch.Tensor]  # (dup, P) replicas of b -> (dup,) losses on a fixed batch
+
+
+@dataclass(frozen=True)
+class ZOConfig:
+    """Hyper-parameters of the zeroth-order step."""
+
+    q: int = 4
+    eps: float = 1e-2
+    lr: float = 1e-3
+    distribution: str = "gaussian"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.q, int) or isinstance(self.q, bool) or self.q < 1:
+            raise ValueError(f"q={self.q!r} is invalid; the number of directions must be an integer >= 1")
+        if not (isinstance(self.eps, (int, float)) and self.eps > 0):
+            raise ValueError(f"eps={self.eps!r} is invalid; the perturbation size must be > 0")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr={self.lr!r} is invalid; the learning rate must be > 0")
+        rng.check_distribution(self.distribution)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """Everything a server needs to replay one step."""
+
+    seeds: tuple[int, ...]
+    projected_grads: tuple[float, ...]  # float32 values
+
+
+def apply_update(b: torch.Tensor, z: torch.Tensor, g: torch.Tensor, lr: float) -> torch.Tensor:
+    """b - lr * mean_i(g_i z_i), accumulated element-wise in a fixed order (thread-count independent)."""
+    g = g.to(torch.float32)
+    acc = torch.zeros_like(b)
+    for i in range(z.shape[0]):
+        acc += g[i] * z[i]
+    return b - (lr / z.shape[0]) * acc
+
+
+def replay(b: torch.Tensor, records: Iterable[StepRecord], lr: float, distribution: str) -> torch.Tensor:
+    """Apply recorded steps to b: the server's reconstruction of a client's trajectory."""
+    for rec in records:
+        if len(rec.seeds) != len(rec.projected_grads):
+            raise ValueError(
+                f"a step has {len(rec.seeds)} seeds but {len(rec.projected_grads)} projected grads"
+            )
+        z = rng.directions(rec.seeds, b.numel(), distribution)
+        b = apply_update(b, z, torch.tensor(rec.projected_grads, dtype=torch.float32), lr)
+    return b
+
+
+def perturbed_replicas(b: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
+    """(2q, P): rows 0..q-1 are b + eps z_i, rows q..2q-1 are b - eps z_i."""
+    return torch.cat([b + eps * z, b - eps * z])
+
+
+def prge_step(
+    loss_fn: LossFn, b: torch.Tensor, seeds: Sequence[int], cfg: ZOConfig
+) -> tuple[torch.Tensor, StepRecord]:
+    """One P-RGE step: all 2q perturbed losses from one call of ``loss_fn``."""
+    q = len(seeds)
+    z = rng.directions(seeds, b.numel(), cfg.distribution)
+    with torch.no_grad():
+        losses = loss_fn(perturbed_replicas(b, z, cfg.eps)).to(torch.float32)
+    g = (losses[:q] - losses[q:]) / (2 * cfg.eps)
+    return apply_update(b, z, g, cfg.lr), StepRecord(tuple(int(s) for s in seeds), tuple(g.tolist()))
+
+
+def sequential_step(
+    loss_fn: LossFn, b: torch.Tensor, seeds: Sequence[int], cfg: ZOConfig
+) -> tuple[torch.Tensor, StepRecord]:
+    """Reference: the same step with 2q separate forward passes (MeZO-style; q=1 is plain MeZO/SPSA)."""
+    z = rng.directions(seeds, b.numel(), cfg.distribution)
+    g = torch.empty(len(seeds), dtype=torch.float32)
+    with torch.no_grad():
+        for i in range(len(seeds)):
+            plus = loss_fn((b + cfg.eps * z[i]).unsqueeze(0))[0]
+            minus = loss_fn((b - cfg.eps * z[i]).unsqueeze(0))[0]
+            g[i] = (plus - minus) / (2 * cfg.eps)
+    return apply_update(b, z, g, cfg.lr), StepRecord(tuple(int(s) for s in seeds), tuple(g.tolist()))
+
+
+def estimate_gradient(loss_fn: LossFn, b: torch.Tensor, seeds: Sequence[int], cfg: ZOConfig) -> torch.Tensor:
+    """The P-RGE gradient estimate (1/q) sum_i g_i z_i itself (for analysis; a step applies lr times it)."""
+    z = rng.directions(seeds, b.numel(), cfg.distribution)
+    with torch.no_grad():
+        losses = loss_fn(perturbed_replicas(b, z, cfg.eps)).to(torch.float32)
+    g = (losses[: len(seeds)] - losses[len(seeds) :]) / (2 * cfg.eps)
+    return (g.unsqueeze(1) * z).mean(0)
