@@ -3,8 +3,8 @@
 Each target ``nn.Linear`` W becomes ``y = W x + (alpha / r) * B_k (A x)``: A (r x in) is frozen and drawn
 from a seed; B (out x r) starts at zero and is the only trained state. During a P-RGE step the batch is
 repeated ``dup = 2q`` times and slice k of the batch sees its own copy B_k, so the base weights are read
-once for all copies. peft's LoRA has no per-copy dimension for B, so this one small module is ours; peft's own matching
-rule decides which modules are targets.
+once for all copies. peft's LoRA has no per-copy dimension for B, so this one small module is ours;
+peft's own matching rule decides which modules are targets.
 
 All B matrices live in one flat vector ``b`` (module order, each B row-major), which is exactly the vector
 the directions of :mod:`fedprge.rng` are drawn over.
