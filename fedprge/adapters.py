@@ -80,9 +80,7 @@ class LoRAFA:
     def __init__(self, model: nn.Module, config: LoRAConfig) -> None:
         self.model = model
         self.config = config
-        peft_cfg = LoraConfig(
-            r=config.rank, lora_alpha=config.alpha, target_modules=list(config.target_modules)
-        )
+        peft_cfg = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.target_modules))
         linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
         names = [n for n in linears if check_target_module_exists(peft_cfg, n)]
         for target in config.target_modules:

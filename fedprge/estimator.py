@@ -65,9 +65,7 @@ def replay(b: torch.Tensor, records: Iterable[StepRecord], lr: float, distributi
     """Apply recorded steps to b: the server's reconstruction of a client's trajectory."""
     for rec in records:
         if len(rec.seeds) != len(rec.projected_grads):
-            raise ValueError(
-                f"a step has {len(rec.seeds)} seeds but {len(rec.projected_grads)} projected grads"
-            )
+            raise ValueError(f"a step has {len(rec.seeds)} seeds but {len(rec.projected_grads)} projected grads")
         z = rng.directions(rec.seeds, b.numel(), distribution)
         b = apply_update(b, z, torch.tensor(rec.projected_grads, dtype=torch.float32), lr)
     return b
@@ -78,9 +76,7 @@ def perturbed_replicas(b: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Te
     return torch.cat([b + eps * z, b - eps * z])
 
 
-def prge_step(
-    loss_fn: LossFn, b: torch.Tensor, seeds: Sequence[int], cfg: ZOConfig
-) -> tuple[torch.Tensor, StepRecord]:
+def prge_step(loss_fn: LossFn, b: torch.Tensor, seeds: Sequence[int], cfg: ZOConfig) -> tuple[torch.Tensor, StepRecord]:
     """One P-RGE step: all 2q perturbed losses from one call of ``loss_fn``."""
     q = len(seeds)
     z = rng.directions(seeds, b.numel(), cfg.distribution)

@@ -39,7 +39,7 @@ def _download(dist: str, version: str) -> Path:
     dest = cache_dir() / "archives"
     dest.mkdir(parents=True, exist_ok=True)
     stem = dist.replace("-", "_").lower()
-    found = [p for p in dest.iterdir() if p.name.lower().replace("-", "_").startswith(f"{stem}-{version}")]
+    found = [p for p in dest.iterdir() if p.name.lower().replace("-", "_").startswith(f"{stem}_{version}")]
     if found:
         return found[0]
     cmd = [
@@ -54,7 +54,7 @@ def _download(dist: str, version: str) -> Path:
         f"{dist}=={version}",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    found = [p for p in dest.iterdir() if p.name.lower().replace("-", "_").startswith(f"{stem}-{version}")]
+    found = [p for p in dest.iterdir() if p.name.lower().replace("-", "_").startswith(f"{stem}_{version}")]
     if proc.returncode != 0 or not found:
         raise RuntimeError(
             f"could not fetch {dist}=={version} from the package registry ({' '.join(cmd)}):\n"

@@ -58,9 +58,7 @@ def test_replay_reproduces_a_trajectory_bit_for_bit(batch):
     b = backend_b0 = torch.zeros(backend.num_params)
     records = []
     for step in range(5):
-        b, rec = prge_step(
-            lambda r: backend.losses(r, batch), b, [rng.derive_seed(9, step, i) for i in range(3)], cfg
-        )
+        b, rec = prge_step(lambda r: backend.losses(r, batch), b, [rng.derive_seed(9, step, i) for i in range(3)], cfg)
         records.append(rec)
     assert torch.equal(replay(backend_b0, records, cfg.lr, cfg.distribution), b)
 

@@ -16,9 +16,7 @@ SCRIPT = (
 
 @pytest.mark.parametrize("dist", rng.DISTRIBUTIONS)
 def test_directions_bit_identical_across_processes(dist):
-    here = hashlib.sha256(
-        rng.directions([0, 1, 2**32 - 1, 123456789], 50_000, dist).numpy().tobytes()
-    ).hexdigest()
+    here = hashlib.sha256(rng.directions([0, 1, 2**32 - 1, 123456789], 50_000, dist).numpy().tobytes()).hexdigest()
     digests = {
         subprocess.run(
             [sys.executable, "-c", SCRIPT.format(dist=dist)],

@@ -1,0 +1,120 @@
+"""Flower ClientApp: registration, local P-RGE training and evaluation, speaking :mod:`fedprge.protocol`.
+
+Per-node state lives in ``context.state`` (it survives rounds in simulation and deployment): the run's
+config (from registration), the last synced global B and the round it reflects, and the personal B.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedprge.protocol import GlobalState, apply_coefficients, pack_f32
+from fedprge.task import Task, load_task
+
+app = ClientApp()
+
+
+def partition_of(context: Context) -> int:
+    try:
+        return int(context.node_config["partition-id"])
+    except KeyError:
+        raise ValueError(
+            "this SuperNode has no 'partition-id' in its node config; start it with "
+            "--node-config 'partition-id=N num-partitions=M'"
+        ) from None
+
+
+def task_of(context: Context) -> Task:
+    if "setup" not in context.state:
+        raise RuntimeError("this node has not been registered (no 'query' message received yet)")
+    return load_task(str(context.state["setup"]["config"]))
+
+
+def sync_global(task: Task, context: Context, msg: Message) -> torch.Tensor:
+    """Turn the downlinked state into the global B, and remember it for the next seed-form update."""
+    kind = str(msg.content["round"]["downlink"])
+    state = GlobalState.from_record(kind, msg.content["state"])
+    zo = task.zo
+    if kind == "weights":
+        b = state.b
+        if b.numel() != task.num_params:
+            raise ValueError(f"downlinked B has {b.numel()} entries; the adapters have {task.num_params}")
+        synced = int(msg.content["round"]["round"]) - 1
+    elif kind == "pool":
+        b = apply_coefficients(
+            torch.zeros(task.num_params), task.spec.pool(), state.pool_coefs, zo.lr / zo.q, zo.distribution
+        )
+        synced = int(msg.content["round"]["round"]) - 1
+    else:
+        held = context.state.get("global")
+        b = torch.from_numpy(held["b"].numpy()).clone() if held is not None else torch.zeros(task.num_params)
+        synced = int(context.state["sync"]["round"]) if "sync" in context.state else 0
+        for upd in state.updates:
+            if upd.rnd <= synced:
+                continue  # already applied (the server resends when it did not see our last reply)
+            if upd.rnd != synced + 1:
+                raise ValueError(f"seed update for round {upd.rnd} arrived but this node is at round {synced}")
+            b = apply_coefficients(b, upd.seeds, upd.coefs, zo.lr / zo.q, zo.distribution)
+            synced = upd.rnd
+    context.state["global"] = ArrayRecord(array_dict={"b": Array(b.numpy())})
+    context.state["sync"] = ConfigRecord({"round": synced})
+    return b
+
+
+@app.query()
+def register(msg: Message, context: Context) -> Message:
+    """Store the run's config, load model and data once, and report partition id and data size."""
+    context.state["setup"] = ConfigRecord({"config": str(msg.content["setup"]["config"])})
+    task = task_of(context)
+    part = partition_of(context)
+    info = ConfigRecord(
+        {"partition": part, "num_examples": len(task.client(part).train), "num_params": task.num_params}
+    )
+    return Message(RecordDict({"info": info}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    task, part = task_of(context), partition_of(context)
+    rnd = int(msg.content["round"]["round"])
+    b = sync_global(task, context, msg)
+    res = task.train(b, part, rnd)
+    context.state["personal"] = ArrayRecord(array_dict={"b": Array(res.b.numpy())})
+    content = RecordDict(
+        {
+            "update": ConfigRecord(
+                {"projected_grads": pack_f32(res.projected_grads.ravel()), "num_examples": len(task.client(part).train)}
+            ),
+            "metrics": MetricRecord({"train_loss": res.loss}),
+        }
+    )
+    if task.cfg.federation.verify:
+        content["check"] = ArrayRecord(array_dict={"b": Array(res.b.numpy())})
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Metrics of the requested methods on this client's held-out data."""
+    task, part = task_of(context), partition_of(context)
+    b = sync_global(task, context, msg)
+    methods = list(msg.content["eval"]["methods"])
+    steps = task.cfg.eval.personal_steps
+    metrics: dict[str, float] = {"partition": part, "num_examples": len(task.client(part).test)}
+    for method in methods:
+        if method == "global":
+            state = b
+        elif method == "finetune":
+            state = task.local_steps(b, part, steps, tag=1)
+        elif method == "local":  # no federation: the same step budget from the untuned model
+            state = task.local_steps(torch.zeros_like(b), part, steps, tag=2)
+        elif method == "personal":
+            held = context.state.get("personal")
+            state = torch.from_numpy(held["b"].numpy()) if held is not None else b
+        else:
+            raise ValueError(f"unknown evaluation method {method!r}")
+        for k, v in task.evaluate(state, part).items():
+            metrics[f"{method}_{k}"] = v
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

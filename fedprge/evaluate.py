@@ -1,0 +1,44 @@
+"""Held-out metrics of a B state on a client's examples: token loss / perplexity, and label accuracy."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from fedprge.backend import Backend
+from fedprge.data import Example, encode
+
+
+def evaluate(
+    backend: Backend, tokenizer, b: torch.Tensor, examples: Sequence[Example], max_len: int, batch_size: int = 16
+) -> dict[str, float]:
+    """``loss`` (mean NLL per target token), ``ppl``; for examples with choices also ``acc``: the label word
+    with the highest log-likelihood must be the target (scored by the same forward as training)."""
+    if not examples:
+        return {}
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        sums, counts = backend.example_nll(b, encode(tokenizer, examples[i : i + batch_size], max_len))
+        total += float(sums.sum())
+        count += int(counts.sum())
+    out = {"loss": total / max(count, 1)}
+    out["ppl"] = math.exp(min(out["loss"], 50.0))
+    if examples[0].choices:
+        k = len(examples[0].choices)
+        cands = [Example(ex.prompt, c, ex.choices) for ex in examples for c in ex.choices]
+        scores = torch.cat(
+            [
+                _mean_nll(backend, tokenizer, b, cands[i : i + batch_size], max_len)
+                for i in range(0, len(cands), batch_size)
+            ]
+        ).reshape(len(examples), k)
+        pred = scores.argmin(1).tolist()
+        out["acc"] = sum(ex.choices[p] == ex.target for ex, p in zip(examples, pred, strict=True)) / len(examples)
+    return out
+
+
+def _mean_nll(backend: Backend, tokenizer, b: torch.Tensor, examples: Sequence[Example], max_len: int):
+    sums, counts = backend.example_nll(b, encode(tokenizer, examples, max_len))
+    return sums / counts.clamp(min=1)

@@ -1,0 +1,163 @@
+"""The wire protocol: what travels between server and clients, in Flower records, and how big it is.
+
+Message types (Flower ``message_type``) and their content (``RecordDict`` keys):
+
+* ``query`` (registration, once per node): down ``"setup"`` ConfigRecord{config: YAML of the run};
+  up ``"info"`` ConfigRecord{partition: int, num_examples: int}.
+* ``train``: down ``"round"`` ConfigRecord{round: int} plus the global state in one of three downlink forms,
+  ``"state"`` (see :class:`GlobalState`); up ``"update"`` ConfigRecord{projected_grads: bytes,
+  num_examples: int} and ``"metrics"`` MetricRecord{train_loss}. ``projected_grads`` are the
+  local_steps x q float32 scalars, little-endian, step-major. No seed travels: each is
+  :func:`step_seeds` (run seed, round, partition, step).
+* ``evaluate``: down ``"round"`` + ``"state"`` + ConfigRecord ``"eval"`` {methods: list[str]};
+  up MetricRecord ``"metrics"`` {<method>_loss, <method>_acc, num_examples}.
+
+Downlink forms of the global state (``GlobalState.kind``):
+  ``weights``: ArrayRecord{"b": float32 (P,)}, the new global B itself.
+  ``seeds``: ConfigRecord{rounds, sizes, seeds: uint32 bytes, coefs: float32 bytes}: the aggregated
+     seed/coefficient lists of every round since the client's last sync, replayed in order.
+  ``pool``: ConfigRecord{coefs: float32 bytes (K,)}: FedKSeed's cumulative coefficient of each pool seed;
+     the global B is b0 - (lr / q) * sum_k coefs_k z(pool_k), however many rounds or clients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common.serde import message_to_proto, recorddict_to_proto
+
+from fedprge import rng
+
+# Domains keep the seeds of the three uses apart.
+_CLIENT_SCOPE, _ROUND_SCOPE, _POOL_INDEX, _POOL_SEED = 1, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class SeedSpec:
+    """How a client's direction seeds are derived; the same on server and clients."""
+
+    run_seed: int
+    q: int
+    scope: str = "client"  # "client" | "round"
+    pool_size: int = 0  # > 0: seeds come from a pool of this many (downlink "pool")
+
+    def pool(self) -> list[int]:
+        return [rng.derive_seed(self.run_seed, _POOL_SEED, k) for k in range(self.pool_size)]
+
+
+def step_seeds(spec: SeedSpec, rnd: int, partition: int, step: int) -> list[int]:
+    """The q seeds of one local step of one client in one round."""
+    who = (partition,) if spec.scope == "client" else ()
+    if spec.pool_size:
+        pool = spec.pool()
+        idx = [rng.derive_seed(spec.run_seed, _POOL_INDEX, rnd, *who, step, i) % spec.pool_size for i in range(spec.q)]
+        return [pool[k] for k in idx]
+    domain = _CLIENT_SCOPE if spec.scope == "client" else _ROUND_SCOPE
+    return [rng.derive_seed(spec.run_seed, domain, rnd, *who, step, i) for i in range(spec.q)]
+
+
+def pack_f32(values) -> bytes:
+    return np.asarray(values, dtype="<f4").tobytes()
+
+
+def unpack_f32(data: bytes) -> np.ndarray:
+    if len(data) % 4:
+        raise ValueError(f"a float32 field has {len(data)} bytes, not a multiple of 4")
+    return np.frombuffer(data, dtype="<f4").copy()
+
+
+def pack_u32(values) -> bytes:
+    return np.asarray(values, dtype="<u4").tobytes()
+
+
+def unpack_u32(data: bytes) -> list[int]:
+    if len(data) % 4:
+        raise ValueError(f"a uint32 field has {len(data)} bytes, not a multiple of 4")
+    return np.frombuffer(data, dtype="<u4").astype(np.int64).tolist()
+
+
+@dataclass
+class RoundUpdate:
+    """One round's aggregated update in seed form: b <- b - (lr/q) * sum_k coefs_k z(seeds_k)."""
+
+    rnd: int
+    seeds: list[int]
+    coefs: np.ndarray  # float32
+
+
+@dataclass
+class GlobalState:
+    """The global B in one downlink form (see module docstring)."""
+
+    kind: str
+    b: torch.Tensor | None = None
+    updates: list[RoundUpdate] = field(default_factory=list)
+    pool_coefs: np.ndarray | None = None
+
+    def to_record(self) -> ArrayRecord | ConfigRecord:
+        if self.kind == "weights":
+            assert self.b is not None
+            return ArrayRecord(array_dict={"b": Array(self.b.numpy())})
+        if self.kind == "seeds":
+            return ConfigRecord(
+                {
+                    "rounds": [u.rnd for u in self.updates],
+                    "sizes": [len(u.seeds) for u in self.updates],
+                    "seeds": pack_u32([s for u in self.updates for s in u.seeds]),
+                    "coefs": pack_f32(np.concatenate([u.coefs for u in self.updates]) if self.updates else []),
+                }
+            )
+        assert self.pool_coefs is not None
+        return ConfigRecord({"coefs": pack_f32(self.pool_coefs)})
+
+    @classmethod
+    def from_record(cls, kind: str, rec: ArrayRecord | ConfigRecord) -> GlobalState:
+        if kind == "weights":
+            return cls(kind, b=torch.from_numpy(rec["b"].numpy().astype(np.float32)))
+        if kind == "seeds":
+            seeds, coefs = unpack_u32(rec["seeds"]), unpack_f32(rec["coefs"])
+            sizes, rounds = list(rec["sizes"]), list(rec["rounds"])
+            if sum(sizes) != len(seeds) or len(seeds) != len(coefs) or len(sizes) != len(rounds):
+                raise ValueError(f"inconsistent seed update: sizes {sizes}, {len(seeds)} seeds, {len(coefs)} coefs")
+            updates, start = [], 0
+            for r, n in zip(rounds, sizes, strict=True):
+                updates.append(RoundUpdate(r, seeds[start : start + n], coefs[start : start + n]))
+                start += n
+            return cls(kind, updates=updates)
+        if kind == "pool":
+            return cls(kind, pool_coefs=unpack_f32(rec["coefs"]))
+        raise ValueError(f"unknown downlink kind {kind!r}")
+
+
+def apply_coefficients(
+    b: torch.Tensor, seeds: list[int], coefs, scale: float, distribution: str, chunk: int = 64
+) -> torch.Tensor:
+    """b - scale * sum_k coefs_k z(seeds_k), accumulated in a fixed order (identical on every party)."""
+    coefs = torch.as_tensor(np.asarray(coefs, dtype=np.float32))
+    acc = torch.zeros_like(b)
+    for start in range(0, len(seeds), chunk):
+        z = rng.directions(seeds[start : start + chunk], b.numel(), distribution)
+        for i in range(z.shape[0]):
+            acc += coefs[start + i] * z[i]
+    return b - scale * acc
+
+
+def decode_grads(update: ConfigRecord, local_steps: int, q: int) -> np.ndarray:
+    """The (local_steps, q) float32 projected gradients of a train reply; raises on a wrong count."""
+    g = unpack_f32(update["projected_grads"])
+    if g.size != local_steps * q:
+        raise ValueError(f"reply carries {g.size} projected gradients; expected local_steps*q = {local_steps * q}")
+    return g.reshape(local_steps, q)
+
+
+def wire_bytes(msg: Message) -> int:
+    """Exact size of the serialized Flower message (content and metadata) as it crosses the wire."""
+    return message_to_proto(msg).ByteSize()
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Size of the serialized RecordDict alone (the payload without Flower's message metadata)."""
+    return recorddict_to_proto(content).ByteSize()

@@ -1,0 +1,120 @@
+"""The machine-learning side of a client: its data, the backend, local P-RGE training and evaluation.
+
+Flower's ClientApp is stateless and re-created per message; :func:`load_task` caches one ``Task`` per process
+(one model per Ray worker, shared by all the virtual clients that worker runs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from fedprge import rng
+from fedprge.adapters import LoRAFA
+from fedprge.backend import Backend, EagerBackend
+from fedprge.config import RunConfig, from_yaml
+from fedprge.data import ClientDataset, FederatedDataset, encode, load_federated, sample_indices
+from fedprge.estimator import ZOConfig, prge_step
+from fedprge.evaluate import evaluate
+from fedprge.protocol import SeedSpec, step_seeds
+
+_BATCH_DOMAIN, _PERSONAL_DOMAIN = 5, 6
+
+
+@dataclass
+class TrainResult:
+    b: torch.Tensor
+    projected_grads: np.ndarray  # (local_steps, q) float32
+    loss: float  # mean of the 2q perturbed losses over the steps
+    num_examples: int
+
+
+class Task:
+    """Model + adapters + federated data for one run configuration."""
+
+    def __init__(self, cfg: RunConfig, backend: Backend | None = None, tokenizer=None) -> None:
+        self.cfg = cfg
+        self.zo: ZOConfig = cfg.zo_config()
+        fed = cfg.federation
+        self.spec = SeedSpec(cfg.seed, cfg.zo.q, fed.seed_scope, fed.pool_size if fed.downlink == "pool" else 0)
+        if backend is None:
+            from fedprge.models import load_model
+
+            dtype = getattr(torch, cfg.model.dtype)
+            model, tokenizer = load_model(cfg.model.name, dtype=dtype, seed=cfg.seed)
+            backend = EagerBackend(model, LoRAFA(model, cfg.lora_config()))
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.data: FederatedDataset = load_data(cfg)
+
+    @property
+    def num_params(self) -> int:
+        return self.backend.num_params
+
+    def client(self, partition: int) -> ClientDataset:
+        if not 0 <= partition < len(self.data.clients):
+            raise ValueError(f"partition {partition} does not exist; this run has {len(self.data.clients)} clients")
+        return self.data.clients[partition]
+
+    def batch(self, partition: int, *key: int) -> dict[str, torch.Tensor]:
+        train = self.client(partition).train
+        idx = sample_indices(len(train), self.cfg.federation.batch_size, rng.derive_seed(self.cfg.seed, *key))
+        return encode(self.tokenizer, [train[i] for i in idx], self.cfg.data.max_len)
+
+    def train(self, b: torch.Tensor, partition: int, rnd: int) -> TrainResult:
+        """``local_steps`` P-RGE steps from ``b`` on this client's data; seeds from :func:`step_seeds`."""
+        steps, losses, grads = self.cfg.federation.local_steps, [], []
+        for step in range(steps):
+            batch = self.batch(partition, _BATCH_DOMAIN, rnd, partition, step)
+            seeds = step_seeds(self.spec, rnd, partition, step)
+            seen: list[torch.Tensor] = []
+
+            def loss_fn(reps: torch.Tensor, batch=batch, seen=seen) -> torch.Tensor:
+                out = self.backend.losses(reps, batch)
+                seen.append(out)
+                return out
+
+            b, rec = prge_step(loss_fn, b, seeds, self.zo)
+            grads.append(rec.projected_grads)
+            losses.append(float(seen[-1].mean()))
+        n = steps * self.cfg.federation.batch_size
+        return TrainResult(b, np.asarray(grads, dtype=np.float32), float(np.mean(losses)), n)
+
+    def local_steps(self, b: torch.Tensor, partition: int, steps: int, tag: int) -> torch.Tensor:
+        """Personalization: ``steps`` P-RGE steps on the client's own data, directions private to the client."""
+        for step in range(steps):
+            batch = self.batch(partition, _PERSONAL_DOMAIN, tag, partition, step)
+            seeds = [
+                rng.derive_seed(self.cfg.seed, _PERSONAL_DOMAIN, tag, partition, step, i) for i in range(self.zo.q)
+            ]
+            b, _ = prge_step(lambda reps, batch=batch: self.backend.losses(reps, batch), b, seeds, self.zo)
+        return b
+
+    def evaluate(self, b: torch.Tensor, partition: int) -> dict[str, float]:
+        return evaluate(self.backend, self.tokenizer, b, self.client(partition).test, self.cfg.data.max_len)
+
+
+def load_data(cfg: RunConfig) -> FederatedDataset:
+    d = cfg.data
+    return load_federated(
+        d.task,
+        cfg.federation.clients,
+        d.partition,
+        alpha=d.alpha,
+        seed=cfg.seed,
+        test_fraction=d.test_fraction,
+        max_train_per_client=d.max_train_per_client,
+        max_test_per_client=d.max_test_per_client,
+        chunk_words=d.chunk_words,
+    )
+
+
+@lru_cache(maxsize=2)
+def load_task(config_yaml: str) -> Task:
+    """The process-wide Task for a run (keyed by its resolved YAML)."""
+    cfg = from_yaml(config_yaml)
+    torch.set_num_threads(max(1, cfg.sim.cpus_per_client))
+    return Task(cfg)

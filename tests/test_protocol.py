@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord
+
+from fedprge import rng
+from fedprge.estimator import StepRecord, apply_update, replay
+from fedprge.protocol import (
+    GlobalState,
+    RoundUpdate,
+    SeedSpec,
+    apply_coefficients,
+    decode_grads,
+    pack_f32,
+    step_seeds,
+)
+
+
+def test_global_state_round_trips_in_every_form():
+    b = torch.randn(50)
+    w = GlobalState.from_record("weights", GlobalState("weights", b=b).to_record())
+    assert torch.equal(w.b, b)
+    ups = [
+        RoundUpdate(2, [1, 2**32 - 1], np.array([0.5, -1.25], np.float32)),
+        RoundUpdate(3, [7], np.array([2.0], np.float32)),
+    ]
+    s = GlobalState.from_record("seeds", GlobalState("seeds", updates=ups).to_record())
+    assert [(u.rnd, u.seeds, u.coefs.tolist()) for u in s.updates] == [(u.rnd, u.seeds, u.coefs.tolist()) for u in ups]
+    c = np.arange(8, dtype=np.float32)
+    p = GlobalState.from_record("pool", GlobalState("pool", pool_coefs=c).to_record())
+    assert np.array_equal(p.pool_coefs, c)
+
+
+def test_inconsistent_seed_update_is_rejected():
+    rec = GlobalState("seeds", updates=[RoundUpdate(1, [1, 2], np.array([1.0, 2.0], np.float32))]).to_record()
+    rec["coefs"] = pack_f32([1.0])
+    with pytest.raises(ValueError, match="inconsistent seed update"):
+        GlobalState.from_record("seeds", rec)
+    with pytest.raises(ValueError, match="unknown downlink kind 'dense'"):
+        GlobalState.from_record("dense", rec)
+
+
+def test_decode_grads_checks_the_count():
+    rec = ConfigRecord({"projected_grads": pack_f32(np.zeros(12))})
+    assert decode_grads(rec, 3, 4).shape == (3, 4)
+    with pytest.raises(ValueError, match="12 projected gradients; expected local_steps\\*q = 8"):
+        decode_grads(rec, 2, 4)
+    with pytest.raises(ValueError, match="not a multiple of 4"):
+        decode_grads(ConfigRecord({"projected_grads": b"abc"}), 1, 1)
+
+
+def test_aggregated_coefficients_replay_equals_step_updates():
+    b = torch.randn(300)
+    seeds, g = [11, 12, 13], torch.tensor([0.3, -2.0, 1.5])
+    z = rng.directions(seeds, 300)
+    assert torch.equal(apply_update(b, z, g, 0.1), apply_coefficients(b, seeds, g.numpy(), 0.1 / 3, "gaussian"))
+    assert torch.equal(
+        replay(b, [StepRecord(tuple(seeds), tuple(g.tolist()))], 0.1, "gaussian"), apply_update(b, z, g, 0.1)
+    )
+
+
+def test_seed_scopes_and_pool():
+    client = SeedSpec(run_seed=1, q=4, scope="client")
+    shared = SeedSpec(run_seed=1, q=4, scope="round")
+    pool = SeedSpec(run_seed=1, q=4, scope="client", pool_size=8)
+    assert step_seeds(client, 1, 0, 0) != step_seeds(client, 1, 1, 0)
+    assert step_seeds(shared, 1, 0, 0) == step_seeds(shared, 1, 1, 0)
+    assert step_seeds(client, 1, 0, 0) != step_seeds(client, 2, 0, 0)
+    drawn = {s for p in range(5) for t in range(10) for s in step_seeds(pool, 3, p, t)}
+    assert drawn <= set(pool.pool()) and len(pool.pool()) == 8
