@@ -9,8 +9,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fedprge.adapters import LoRAConfig
-from fedprge.estimator import ZOConfig
+from fedprge.engine.adapters import LoRAConfig
+from fedprge.engine.estimator import ZOConfig
 
 DOWNLINKS = ("weights", "seeds", "pool")
 SEED_SCOPES = ("client", "round")

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
-from fedprge.backend import Backend
 from fedprge.data import Example, encode
+from fedprge.engine.backend import Backend
 
 
 def evaluate(

@@ -17,7 +17,7 @@ from rich.table import Table
 from fedprge.config import RunConfig, to_yaml
 
 if TYPE_CHECKING:
-    from fedprge.server_app import Traffic
+    from fedprge.federation.server_app import Traffic
 
 
 def client_stats(values: list[float], higher_is_better: bool) -> dict[str, float]:

@@ -35,8 +35,8 @@ def simulate(cfg: RunConfig, writer: RunWriter | None = None) -> dict:
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
 
-    from fedprge.client_app import app as client_app
-    from fedprge.server_app import make_server_app
+    from fedprge.federation.client_app import app as client_app
+    from fedprge.federation.server_app import make_server_app
 
     writer = writer or RunWriter(cfg)
     outcome: dict = {}

@@ -12,14 +12,14 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from fedprge import rng
-from fedprge.adapters import LoRAFA
-from fedprge.backend import Backend, EagerBackend
 from fedprge.config import RunConfig, from_yaml
 from fedprge.data import ClientDataset, FederatedDataset, encode, load_federated, sample_indices
-from fedprge.estimator import ZOConfig, prge_step
+from fedprge.engine import rng
+from fedprge.engine.adapters import LoRAFA
+from fedprge.engine.backend import Backend, EagerBackend
+from fedprge.engine.estimator import ZOConfig, prge_step
 from fedprge.evaluate import evaluate
-from fedprge.protocol import SeedSpec, step_seeds
+from fedprge.federation.protocol import SeedSpec, step_seeds
 
 _BATCH_DOMAIN, _PERSONAL_DOMAIN = 5, 6
 

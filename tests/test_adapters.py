@@ -2,8 +2,8 @@ import pytest
 import torch
 from conftest import random_batch, small_llama
 
-from fedprge.adapters import LoRAConfig, LoRAFA
-from fedprge.backend import EagerBackend
+from fedprge.engine.adapters import LoRAConfig, LoRAFA
+from fedprge.engine.backend import EagerBackend
 
 
 def test_zero_B_leaves_the_model_unchanged(batch):

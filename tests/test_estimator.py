@@ -2,11 +2,11 @@ import pytest
 import torch
 from conftest import small_llama
 
-from fedprge import rng
-from fedprge.adapters import LoRAConfig, LoRAFA
-from fedprge.backend import EagerBackend
-from fedprge.backprop import BackpropTrainer
-from fedprge.estimator import (
+from fedprge.engine import rng
+from fedprge.engine.adapters import LoRAConfig, LoRAFA
+from fedprge.engine.backend import EagerBackend
+from fedprge.engine.backprop import BackpropTrainer
+from fedprge.engine.estimator import (
     StepRecord,
     ZOConfig,
     estimate_gradient,

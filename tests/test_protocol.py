@@ -3,9 +3,9 @@ import pytest
 import torch
 from flwr.app import ConfigRecord
 
-from fedprge import rng
-from fedprge.estimator import StepRecord, apply_update, replay
-from fedprge.protocol import (
+from fedprge.engine import rng
+from fedprge.engine.estimator import StepRecord, apply_update, replay
+from fedprge.federation.protocol import (
     GlobalState,
     RoundUpdate,
     SeedSpec,

@@ -5,10 +5,10 @@ import sys
 import pytest
 import torch
 
-from fedprge import rng
+from fedprge.engine import rng
 
 SCRIPT = (
-    "import hashlib, torch; from fedprge import rng; "
+    "import hashlib, torch; from fedprge.engine import rng; "
     "z = rng.directions([0, 1, 2**32 - 1, 123456789], 50_000, '{dist}'); "
     "print(hashlib.sha256(z.numpy().tobytes()).hexdigest())"
 )

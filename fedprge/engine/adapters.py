@@ -7,7 +7,7 @@ once for all copies. peft's LoRA has no per-copy dimension for B, so this one sm
 peft's own matching rule decides which modules are targets.
 
 All B matrices live in one flat vector ``b`` (module order, each B row-major), which is exactly the vector
-the directions of :mod:`fedprge.rng` are drawn over.
+the directions of :mod:`fedprge.engine.rng` are drawn over.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
-from fedprge import rng
+from fedprge.engine import rng
 
 
 @dataclass(frozen=True)

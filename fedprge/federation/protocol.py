@@ -29,7 +29,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.serde import message_to_proto, recorddict_to_proto
 
-from fedprge import rng
+from fedprge.engine import rng
 
 # Domains keep the seeds of the three uses apart.
 _CLIENT_SCOPE, _ROUND_SCOPE, _POOL_INDEX, _POOL_SEED = 1, 2, 3, 4

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fedprge.backend import Batch, EagerBackend
+from fedprge.engine.backend import Batch, EagerBackend
 
 
 class BackpropTrainer:

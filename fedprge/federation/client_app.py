@@ -1,4 +1,4 @@
-"""Flower ClientApp: registration, local P-RGE training and evaluation, speaking :mod:`fedprge.protocol`.
+"""Flower ClientApp: registration, local P-RGE training and evaluation, speaking :mod:`fedprge.federation.protocol`.
 
 Per-node state lives in ``context.state`` (it survives rounds in simulation and deployment): the run's
 config (from registration), the last synced global B and the round it reflects, and the personal B.
@@ -10,7 +10,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedprge.protocol import GlobalState, apply_coefficients, pack_f32
+from fedprge.federation.protocol import GlobalState, apply_coefficients, pack_f32
 from fedprge.task import Task, load_task
 
 app = ClientApp()

@@ -1,6 +1,6 @@
 """Backends evaluate losses of B replicas; a client talks to this interface, never to a model class.
 
-``EagerBackend`` runs a PyTorch/transformers model with :class:`~fedprge.adapters.LoRAFA` adapters. The
+``EagerBackend`` runs a PyTorch/transformers model with :class:`~fedprge.engine.adapters.LoRAFA` adapters. The
 ExecuTorch backend (``clients/``) implements the same two methods over a .pte program.
 """
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedprge.adapters import LoRAFA
+from fedprge.engine.adapters import LoRAFA
 
 Batch = dict[str, torch.Tensor]  # input_ids, attention_mask, labels: (bs, T) int64
 

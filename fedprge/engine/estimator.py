@@ -1,6 +1,6 @@
 r"""P-RGE: parallelized randomized gradient estimation on the LoRA-FA state B (flat vector b of P entries).
 
-One step with q directions z_1..z_q (each a pure function of a seed, :mod:`fedprge.rng`):
+One step with q directions z_1..z_q (each a pure function of a seed, :mod:`fedprge.engine.rng`):
 
     L^+_i = L(b + eps z_i),   L^-_i = L(b - eps z_i)          all 2q in ONE batched forward
     g_i   = (L^+_i - L^-_i) / (2 eps)                          the scalar projected gradients
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedprge import rng
+from fedprge.engine import rng
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]  # (dup, P) replicas of b -> (dup,) losses on a fixed batch
 

@@ -2,7 +2,7 @@
 
 The server never receives an adapter: it regenerates each client's directions from the seed derivation,
 weights the client's projected gradients by its example count, merges them by seed and applies the result
-with the same function the clients use (:func:`fedprge.protocol.apply_coefficients`).
+with the same function the clients use (:func:`fedprge.federation.protocol.apply_coefficients`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedprge.config import RunConfig
-from fedprge.estimator import StepRecord, replay
-from fedprge.protocol import GlobalState, RoundUpdate, SeedSpec, apply_coefficients, decode_grads, step_seeds
+from fedprge.engine.estimator import StepRecord, replay
+from fedprge.federation.protocol import GlobalState, RoundUpdate, SeedSpec, apply_coefficients, decode_grads, step_seeds
 
 log = logging.getLogger("fedprge.server")
 

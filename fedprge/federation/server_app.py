@@ -15,9 +15,9 @@ from flwr.serverapp import Grid, ServerApp
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fedprge.config import RunConfig, load_config, to_yaml
-from fedprge.protocol import content_bytes, wire_bytes
+from fedprge.federation.protocol import content_bytes, wire_bytes
+from fedprge.federation.strategy import Client, PRGEStrategy
 from fedprge.results import RunWriter
-from fedprge.strategy import Client, PRGEStrategy
 
 log = logging.getLogger("fedprge.server")
 

@@ -1,0 +1,1 @@
+"""The P-RGE engine: seeded directions, LoRA-FA adapters, the batched zeroth-order estimator and baselines."""

@@ -1,0 +1,1 @@
+"""The federation on Flower: wire protocol, server strategy, ServerApp and ClientApp."""
