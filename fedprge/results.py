@@ -44,6 +44,7 @@ class RunWriter:
         self.rounds: list[dict[str, Any]] = []
         self.evals: dict[int, list[dict[str, float]]] = {}
         self.summary: dict[str, Any] = {}
+        self.curve_partitions: set[int] | None = None  # the clients the per-round curve averages (None: all)
 
     @property
     def metric(self) -> tuple[str, bool]:
@@ -56,12 +57,19 @@ class RunWriter:
     def evaluation(self, rnd: int, rows: list[dict[str, float]]) -> None:
         self.evals[rnd] = rows
 
-    def last_eval(self, rnd: int) -> dict[str, float]:
-        rows = self.evals.get(rnd)
-        if not rows:
-            return {}
+    def curve_point(self, rnd: int) -> float | None:
+        """Mean global metric of round ``rnd`` over the curve clients, if that round was evaluated."""
         name, _ = self.metric
-        return {f"global_{name}": float(np.mean([r[f"global_{name}"] for r in rows if f"global_{name}" in r]))}
+        rows = [
+            r[f"global_{name}"]
+            for r in self.evals.get(rnd, [])
+            if f"global_{name}" in r and (self.curve_partitions is None or int(r["partition"]) in self.curve_partitions)
+        ]
+        return float(np.mean(rows)) if rows else None
+
+    def last_eval(self, rnd: int) -> dict[str, float]:
+        point = self.curve_point(rnd)
+        return {} if point is None else {f"curve_global_{self.metric[0]}": point}
 
     def round(self, row: dict[str, Any], eval_row: dict[str, float]) -> None:
         prev = self.rounds[-1] if self.rounds else {"cum_uplink_bytes": 0, "cum_downlink_bytes": 0}
@@ -144,13 +152,10 @@ class RunWriter:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         name, _ = self.metric
-        pts = sorted(
-            (r, float(np.mean([x[f"global_{name}"] for x in rows])))
-            for r, rows in self.evals.items()
-            if rows and all(f"global_{name}" in x for x in rows)
-        )
+        pts = sorted((r, p) for r in self.evals if (p := self.curve_point(r)) is not None)
         if not pts:
             return
         cum = {0: 0}
@@ -159,17 +164,22 @@ class RunWriter:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
         ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
         ax1.set_xlabel("round")
+        ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax2.plot([cum.get(p[0], math.nan) / 1e3 for p in pts], [p[1] for p in pts], marker="o")
         ax2.set_xlabel("cumulative bytes, up + down (kB)")
         for ax in (ax1, ax2):
-            ax.set_ylabel(f"mean client held-out {name}")
+            ax.set_ylabel(f"mean held-out {name} of {self._curve_label()}")
             ax.grid(alpha=0.3)
+            ax.ticklabel_format(axis="y", useOffset=False)
         fig.suptitle(
             f"{self.cfg.name}: {self.cfg.model.name} on {self.cfg.data.task}, downlink {self.cfg.federation.downlink}"
         )
         fig.tight_layout()
         fig.savefig(self.dir / "metric.png", dpi=120)
         plt.close(fig)
+
+    def _curve_label(self) -> str:
+        return "all clients" if self.curve_partitions is None else f"{len(self.curve_partitions)} fixed clients"
 
 
 def _sha(b: torch.Tensor) -> str:

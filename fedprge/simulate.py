@@ -37,7 +37,11 @@ def simulate(cfg: RunConfig, writer: RunWriter | None = None) -> dict:
 
     from fedprge.federation.client_app import app as client_app
     from fedprge.federation.server_app import make_server_app
+    from fedprge.models import prefetch
+    from fedprge.task import load_data
 
+    prefetch(cfg.model.name)  # fail early on a bad model or data set, and fill the caches before the workers start
+    load_data(cfg)
     writer = writer or RunWriter(cfg)
     outcome: dict = {}
     run_simulation(
@@ -90,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, bool]:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("flwr", "ray"):
+    for name in ("flwr", "ray", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     cfg, no_progress = parse_args(argv)
     simulate(cfg, RunWriter(cfg, out=None, progress=not no_progress))

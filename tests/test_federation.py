@@ -68,3 +68,34 @@ def test_server_fails_loudly_when_nodes_never_come(tmp_path, monkeypatch):
     monkeypatch.setattr("flwr.simulation.run_simulation", fewer_nodes)
     with pytest.raises(RuntimeError, match="only 2 of 4 nodes connected within 3 s"):
         simulate(cfg, RunWriter(cfg, out=tmp_path / "missing", progress=False))
+
+
+def test_attaches_to_an_existing_ray_cluster(tmp_path):
+    """--ray-address: the simulation runs on a Ray head started separately (as on a cluster)."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    head = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2"]
+    head += ["--include-dashboard=false", "--disable-usage-stats"]
+    subprocess.run(head, check=True, capture_output=True, timeout=120)
+    try:
+        summary, rounds = run(tmp_path, "cluster", f"sim.ray_address=127.0.0.1:{port}")
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
+    assert [int(r["ok"]) for r in rounds] == [2, 2, 2]
+    assert summary["clients_evaluated"] == 4
+
+
+@pytest.mark.parametrize(("task", "partition"), [("tweets", "dirichlet"), ("shakespeare", "iid")])
+def test_other_tasks_and_partitions_run_end_to_end(tmp_path, task, partition):
+    summary, rounds = run(tmp_path, f"{task}-{partition}", f"data.task={task}", f"data.partition={partition}")
+    assert summary["metric"] == ("acc" if task == "tweets" else "loss")
+    assert summary["clients_evaluated"] == 4 and len(rounds) == 3
+    assert all(0 <= s["mean"] <= (1 if task == "tweets" else 20) for s in summary["methods"].values())

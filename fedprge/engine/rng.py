@@ -5,7 +5,7 @@ phone) computes it with these functions, so z is a pure function of an integer s
 
 * bits(seed, i) = h(h(i XOR k1) XOR k2), with k1 = h(seed XOR C), k2 = h(k1 + C2), and h Wellons' "lowbias32"
   integer hash. All values are uint32 held in int64; multiplication mod 2^32 is split into 16-bit halves so
-  no product leaves int64 (no overflow, hence the same result in any runtime that has int64 mul/and/xor/div).
+  no product leaves int64 (no overflow, hence the same result in any runtime that has int64 mul/and/xor/shift).
 * Gaussian z: the top 16 bits index a table of the 65,536 mid-point quantiles of N(0, 1) (rescaled to unit
   variance). A table gather has no transcendental function whose last bit could differ between ATen,
   ExecuTorch's portable kernels or a phone's libm. Rademacher z: the top bit picks -1 or +1.
@@ -24,26 +24,29 @@ MASK32 = 0xFFFFFFFF
 SEED_LIMIT = 1 << 32
 DISTRIBUTIONS = ("gaussian", "rademacher")
 TABLE_BITS = 16
+_CHUNK_ELEMENTS = 1 << 17
 _M1, _M2 = 0x7FEB352D, 0x846CA68B
 _C1, _C2 = 0x9E3779B9, 0x632BE5AB
 
 
-def _mulmod32(x: torch.Tensor, m: int) -> torch.Tensor:
+def _mulmod32_(x: torch.Tensor, m: int) -> torch.Tensor:
+    """x * m mod 2^32 in place, for 0 <= x < 2^32: both partial products stay below 2^48."""
     lo, hi = m & 0xFFFF, m >> 16
-    return (x * lo + torch.bitwise_and(x * hi, 0xFFFF) * 65536).bitwise_and(MASK32)
+    high = torch.bitwise_left_shift(torch.bitwise_and(x * hi, 0xFFFF), 16)
+    return x.mul_(lo).add_(high).bitwise_and_(MASK32)
 
 
 def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
-    return torch.div(x, 1 << k, rounding_mode="floor")
+    return torch.bitwise_right_shift(x, k)  # logical, as the values are non-negative
 
 
 def hash32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 on int64 tensors holding uint32 values."""
+    """lowbias32 on int64 tensors holding uint32 values (``x`` itself is not modified)."""
     x = torch.bitwise_xor(x, _shr(x, 16))
-    x = _mulmod32(x, _M1)
-    x = torch.bitwise_xor(x, _shr(x, 15))
-    x = _mulmod32(x, _M2)
-    return torch.bitwise_xor(x, _shr(x, 16))
+    x = _mulmod32_(x, _M1)
+    x.bitwise_xor_(_shr(x, 15))
+    x = _mulmod32_(x, _M2)
+    return x.bitwise_xor_(_shr(x, 16))
 
 
 def hash32_int(x: int) -> int:
@@ -87,7 +90,12 @@ def directions(seeds: torch.Tensor | list[int] | tuple[int, ...], n: int, distri
     check_distribution(distribution)
     s = torch.as_tensor(list(seeds) if not isinstance(seeds, torch.Tensor) else seeds, dtype=torch.int64)
     check_seeds(s)
-    return directions_from_bits(bits(s, n), distribution, gaussian_table())
+    out = torch.empty(len(s), n, dtype=torch.float32)
+    step = max(1024, _CHUNK_ELEMENTS // max(1, len(s)))  # cache-sized pieces: ~10x faster than one big pass
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        out[:, start:stop] = directions_from_bits(bits(s, stop - start, start), distribution, gaussian_table())
+    return out
 
 
 def uniform(seed: int, n: int) -> torch.Tensor:

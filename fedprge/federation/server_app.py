@@ -107,6 +107,8 @@ def run_federation(grid: Grid, cfg: RunConfig, writer: RunWriter | None = None) 
     strategy = PRGEStrategy(cfg, clients, num_params)
     strategy.summary()
     eval_clients = clients[: cfg.eval.max_clients] if cfg.eval.max_clients else clients
+    curve_clients = eval_clients[: cfg.eval.curve_clients] if cfg.eval.curve_clients else eval_clients
+    writer.curve_partitions = {c.partition for c in curve_clients}
     before = evaluate(grid, strategy, 0, ["global"], traffic, eval_clients)
     writer.evaluation(0, before)
     columns = [
@@ -140,7 +142,7 @@ def run_federation(grid: Grid, cfg: RunConfig, writer: RunWriter | None = None) 
                 "seconds": time.monotonic() - t_round,
             }
             if cfg.eval.every and rnd % cfg.eval.every == 0 and rnd != fed.rounds:
-                writer.evaluation(rnd, evaluate(grid, strategy, rnd, ["global"], traffic, eval_clients))
+                writer.evaluation(rnd, evaluate(grid, strategy, rnd, ["global"], traffic, curve_clients))
             writer.round(row, writer.last_eval(rnd))
             info = f"train loss {stats.train_loss:.4f}  up {row['uplink_bytes_per_client']:.0f} B/client"
             bar.update(task, advance=1, info=info)

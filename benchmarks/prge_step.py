@@ -1,0 +1,234 @@
+"""Time and peak memory of one training step: batched P-RGE vs sequential ZO vs first-order backprop.
+
+Every (method, q) runs in a fresh child process on the same model, batch and seeds, so each peak RSS is
+that method's own (the peak is reset after the model is loaded). Also measured in the same run: a plain
+forward pass (inference, the memory floor) and the machine's fp32 matmul peak (a large GEMM), against which
+each step's achieved FLOP/s is reported (FLOPs counted by ``torch.utils.flop_counter``).
+
+    python benchmarks/prge_step.py                    # SmolLM2-135M, q in 1 2 4 8
+    python benchmarks/prge_step.py --model tiny --q 1 2 4 8 16
+
+Methods:
+  inference   one forward of the batch (bs rows) with one B: what an inference engine does anyway
+  prge        fedprge's step: 2q replicas of B in ONE forward of 2q*bs rows
+  sequential  the same estimator as 2q separate forwards of bs rows (MeZO-style), our loss code
+  naive       2q separate forwards through the plain Hugging Face model call (full-vocabulary logits and
+              loss on every position), B set per call: what a straightforward implementation does
+  backprop    first-order LoRA-FA: forward + backward + SGD on B (autograd keeps the activations)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METHODS = ("inference", "prge", "sequential", "naive", "backprop")
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS
+
+
+def child(args: argparse.Namespace) -> dict:
+    """Measure one method at one q in this process; returns a result row."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fedprge.data import encode, load_federated
+    from fedprge.engine import rng
+    from fedprge.engine.adapters import LoRAConfig, LoRAFA
+    from fedprge.engine.backend import EagerBackend
+    from fedprge.engine.backprop import BackpropTrainer
+    from fedprge.engine.estimator import ZOConfig, prge_step, sequential_step
+    from fedprge.models import load_model
+
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
+    lora = LoRAFA(model, LoRAConfig(rank=8, alpha=16, target_modules=("q_proj", "v_proj")))
+    backend = EagerBackend(model, lora)
+    data = load_federated("shakespeare", 1, max_train_per_client=args.bs, chunk_words=args.seq)
+    batch = encode(tok, data.clients[0].train[: args.bs], args.seq)
+    b = 1e-3 * rng.directions([7], lora.num_params)[0]  # a nonzero B so every path really uses it
+    zo = ZOConfig(q=args.q, eps=1e-2, lr=1e-3)
+    seeds = [rng.derive_seed(1, i) for i in range(args.q)]
+
+    def naive_loss(reps: torch.Tensor) -> torch.Tensor:
+        with lora.use(reps):
+            return model(**batch).loss.reshape(1)
+
+    if args.method == "inference":
+        run = lambda: backend.losses(b.unsqueeze(0), batch)  # noqa: E731
+    elif args.method == "prge":
+        run = lambda: prge_step(lambda r: backend.losses(r, batch), b, seeds, zo)  # noqa: E731
+    elif args.method == "sequential":
+        run = lambda: sequential_step(lambda r: backend.losses(r, batch), b, seeds, zo)  # noqa: E731
+    elif args.method == "naive":
+        run = lambda: sequential_step(naive_loss, b, seeds, zo)  # noqa: E731
+    else:
+        trainer = BackpropTrainer(backend, b, lr=1e-3)
+        run = lambda: trainer.step(batch)  # noqa: E731
+
+    grad_ctx = torch.enable_grad() if args.method == "backprop" else torch.no_grad()
+    with grad_ctx:
+        run()  # warm-up
+        rss_loaded = _rss_kib("VmRSS")
+        _reset_peak()
+        times = []
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            out = run()
+            times.append(time.perf_counter() - t)
+        peak = _rss_kib("VmHWM")
+        with FlopCounterMode(display=False) as counter:
+            run()
+    grads = list(out[1].projected_grads) if args.method in ("prge", "sequential", "naive") else None
+    sec = sorted(times)[len(times) // 2]
+    rows = 2 * args.q * args.bs if args.method in ("prge", "sequential", "naive") else args.bs
+    return {
+        "model": args.model,
+        "method": args.method,
+        "q": args.q if args.method not in ("inference", "backprop") else 0,
+        "bs": args.bs,
+        "tokens": int(batch["input_ids"].numel()),
+        "s_per_step": sec,
+        "tokens_per_s": rows * batch["input_ids"].shape[1] / sec,
+        "gflop_per_step": counter.get_total_flops() / 1e9,
+        "gflop_per_s": counter.get_total_flops() / 1e9 / sec,
+        "rss_model_mib": rss_loaded / 1024,
+        "peak_rss_mib": peak / 1024,
+        "step_extra_mib": (peak - rss_loaded) / 1024,
+        "projected_grads": grads,
+        "params_b": lora.num_params,
+    }
+
+
+def matmul_peak(threads: int, n: int = 2048, dtype: str = "float32") -> float:
+    """GFLOP/s of the best of several n x n x n GEMMs: the ceiling an fp32 forward pass can reach here."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n).to(getattr(torch, dtype)), torch.randn(n, n).to(getattr(torch, dtype))
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(5))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2", help="tiny, smollm2 or a local HF folder")
+    p.add_argument("--q", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--bs", type=int, default=2)
+    p.add_argument("--seq", type=int, default=64, help="tokens per example (Shakespeare text, truncated)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per cell (median reported)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: the only stable timing on 2 cores)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--out", default="benchmarks/results", help="folder for the CSV and JSON results")
+    p.add_argument("--method", help=argparse.SUPPRESS)  # child mode
+    args = p.parse_args()
+    if args.method:
+        args.q = args.q[0]
+        print(json.dumps(child(args)))
+        return
+
+    peak = matmul_peak(args.threads)
+    cells = [(m, q) for m in args.methods for q in (args.q if m in ("prge", "sequential", "naive") else [args.q[0]])]
+    rows = []
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    try:
+        from rich.progress import track
+    except ImportError:  # pragma: no cover
+        track = lambda it, **_: it  # noqa: E731
+    for method, q in track(cells, description="benchmark cells"):
+        cmd = [sys.executable, __file__, "--method", method, "--q", str(q), "--model", args.model]
+        cmd += ["--bs", str(args.bs), "--seq", str(args.seq), "--steps", str(args.steps)]
+        cmd += ["--threads", str(args.threads), "--dtype", args.dtype]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode:
+            raise RuntimeError(f"{method} q={q} failed:\n{proc.stderr[-3000:]}")
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        row["peak_fraction"] = row["gflop_per_s"] / peak
+        rows.append(row)
+    report(rows, peak, args)
+
+
+def report(rows: list[dict], peak: float, args: argparse.Namespace) -> None:
+    by = {(r["method"], r["q"]): r for r in rows}
+    inf, bp = by.get(("inference", 0)), by.get(("backprop", 0))
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"one training step on {args.model}, bs={args.bs}, {args.threads} thread(s), {args.dtype}")
+    for c in ("q", "method", "s/step", "x vs prge", "tokens/s", "GFLOP/s", "% peak", "peak RSS MiB", "+step MiB"):
+        t.add_column(c, justify="right")
+    for q in args.q:
+        base = by.get(("prge", q))
+        for m in ("prge", "sequential", "naive"):
+            r = by.get((m, q))
+            if r:
+                t.add_row(*_cells(r, base, str(q)))
+        for r in (x for x in (inf, bp) if x is not None and q == args.q[-1]):
+            t.add_row(*_cells(r, base, "-"))
+    Console().print(t)
+    print(f"fp32 matmul peak (2048^3 GEMM, {args.threads} thread): {peak:.1f} GFLOP/s")
+    for q in args.q:
+        s, pr = by.get(("sequential", q)), by.get(("prge", q))
+        if s and pr:
+            gdiff = max(abs(a - b) for a, b in zip(s["projected_grads"], pr["projected_grads"], strict=True))
+            print(f"q={q}: sequential/prge time {s['s_per_step'] / pr['s_per_step']:.2f}x, max |g diff| {gdiff:.2e}")
+    if inf and bp:
+        for q in args.q:
+            if pr := by.get(("prge", q)):
+                print(
+                    f"q={q}: extra memory of a step: prge {pr['step_extra_mib']:.0f} MiB, inference "
+                    f"{inf['step_extra_mib']:.0f} MiB, backprop {bp['step_extra_mib']:.0f} MiB"
+                )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"prge_step-{Path(args.model).name}"
+    meta = {"matmul_peak_gflops": peak, "threads": args.threads, "bs": args.bs, "seq": args.seq, "dtype": args.dtype}
+    Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    with open(f"{stem}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "projected_grads"], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    print(f"results: {stem}.json, {stem}.csv")
+
+
+def _cells(r: dict, base: dict | None, q: str) -> list[str]:
+    ratio = f"{r['s_per_step'] / base['s_per_step']:.2f}" if base else "-"
+    return [
+        q,
+        r["method"],
+        f"{r['s_per_step']:.3f}",
+        ratio,
+        f"{r['tokens_per_s']:.0f}",
+        f"{r['gflop_per_s']:.1f}",
+        f"{100 * r['peak_fraction']:.0f}%",
+        f"{r['peak_rss_mib']:.0f}",
+        f"{r['step_extra_mib']:.0f}",
+    ]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+import sys
+
+from fedprge.export.cli import main
+
+sys.exit(main())
