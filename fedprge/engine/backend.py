@@ -37,7 +37,7 @@ class EagerBackend:
     vocabulary-sized logits never exist for the whole enlarged batch at once.
     """
 
-    def __init__(self, model: nn.Module, lora: LoRAFA, chunk_rows: int = 1024) -> None:
+    def __init__(self, model: nn.Module, lora: LoRAFA, chunk_rows: int = 128) -> None:
         self.model = model
         self.lora = lora
         self.num_params = lora.num_params
