@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,13 @@ from fedprge.engine.adapters import LoRAConfig
 from fedprge.engine.estimator import ZOConfig
 
 DOWNLINKS = ("weights", "seeds", "pool")
+ALGORITHMS = ("prge", "fedavg_lora_fa", "fedavg_lora", "fedavg_full")
 SEED_SCOPES = ("client", "round")
 PERSONALIZATION = ("global", "local", "finetune", "personal")
+CLIENT_BACKENDS = ("eager", "executorch")
+AGGREGATIONS = ("mean", "trimmed_mean", "median")
+CATCHUPS = ("auto", "seeds")
+POISON_KINDS = ("nan", "inf", "huge", "wrong_count", "scaled", "count")
 
 
 @dataclass
@@ -53,10 +59,14 @@ class ZOSection:
 
 @dataclass
 class FederationSection:
+    algorithm: str = "prge"  # or a first-order FedAvg baseline: fedavg_lora_fa | fedavg_lora | fedavg_full
+    fo_lr: float = 1e-3  # Adam learning rate of the FedAvg baselines' local steps
     clients: int = 50
     rounds: int = 5
     fraction: float = 0.2  # of clients sampled per round
     min_clients: int = 1  # a round with fewer successful replies is skipped (global B unchanged)
+    min_nodes: int = 0  # start with this many connected nodes after node_wait_s (0: wait for all `clients`)
+    node_wait_s: float = 0.0  # how long to wait for all `clients` nodes before settling for min_nodes (0: timeout_s)
     local_steps: int = 10
     batch_size: int = 1
     downlink: str = "seeds"  # weights | seeds | pool
@@ -64,6 +74,29 @@ class FederationSection:
     pool_size: int = 1024  # K for downlink=pool (FedKSeed)
     timeout_s: float = 600.0  # per round; replies after it are dropped
     verify: bool = False  # clients also return their B so the server checks its reconstruction (debug only)
+    # reliability and defences (fedprge/federation/strategy.py documents each rule)
+    setup_timeout_s: float = 600.0  # deadline of registration and of each evaluation (model loading included)
+    catchup: str = "auto"  # seeds downlink: auto (per client, the cheaper of its missed seed lists and B) | seeds
+    catchup_max_seeds: int = 0  # auto: also send B when a client would replay more seeds than this (0: no limit)
+    aggregation: str = "mean"  # mean | trimmed_mean | median (see strategy.py for seed_scope=client)
+    trim_fraction: float = 0.2  # trimmed_mean: share of clients cut at each end
+    norm_bound: float = 3.0  # clip a client's projected gradients to this x the round's median norm (0: off)
+    max_abs_grad: float = 1e6  # reject a reply with any |projected gradient| above this (0: off)
+    max_count_ratio: float = 3.0  # aggregation weight: example count capped at this x the median registered count
+    checkpoint: bool = True  # save the server state after every round (resume with --resume RUN_DIR)
+    stop_after: int = 0  # debug: stop the server after this many rounds, as if killed (0: never)
+
+
+@dataclass
+class FaultsSection:
+    """Injected faults, for robustness studies; each is a function of the run seed, round and partition."""
+
+    drop_rate: float = 0.0  # chance that a sampled client drops out of a round (it sends an error reply)
+    straggler_rate: float = 0.0  # chance that a sampled client answers only after federation.timeout_s
+    straggler_delay_s: float = 1.0  # how long after the deadline a straggler answers
+    poison_fraction: float = 0.0  # share of clients (a fixed set, rounded up) that send poisoned updates
+    poison_kind: str = "scaled"  # nan | inf | huge | wrong_count | scaled | count (see federation/faults.py)
+    poison_scale: float = -100.0  # "scaled": factor applied to the projected gradients
 
 
 @dataclass
@@ -73,6 +106,14 @@ class EvalSection:
     personalization: list[str] = field(default_factory=lambda: ["global", "finetune", "local", "personal"])
     personal_steps: int = 2  # P-RGE steps of "finetune" (from the global B) and "local" (from zero B)
     max_clients: int = 0  # evaluate on at most this many clients (0: all)
+
+
+@dataclass
+class ClientSection:
+    """How a client computes its losses; a SuperNode's node config may override both (see fedprge/task.py)."""
+
+    backend: str = "eager"  # eager: PyTorch model | executorch: an exported .pte and a tokenizer, no model
+    pte: str | None = None  # the program of backend=executorch (python -m fedprge.export writes it)
 
 
 @dataclass
@@ -92,8 +133,10 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     zo: ZOSection = field(default_factory=ZOSection)
     federation: FederationSection = field(default_factory=FederationSection)
+    faults: FaultsSection = field(default_factory=FaultsSection)
     eval: EvalSection = field(default_factory=EvalSection)
     sim: SimSection = field(default_factory=SimSection)
+    client: ClientSection = field(default_factory=ClientSection)
 
     def lora_config(self) -> LoRAConfig:
         return LoRAConfig(self.lora.rank, self.lora.alpha, tuple(self.lora.target_modules), self.lora.a_seed)
@@ -110,6 +153,7 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 def validate(cfg: RunConfig) -> RunConfig:
     """Check every value a run depends on; errors name the key, the bad value and what is allowed."""
     fed, data, ev, sim = cfg.federation, cfg.data, cfg.eval, cfg.sim
+    _validate_numbers(cfg)
     cfg.lora_config()
     cfg.zo_config()
     _check(cfg.seed >= 0, "seed", cfg.seed, "it must be >= 0")
@@ -126,9 +170,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(fed.local_steps >= 1, "federation.local_steps", fed.local_steps, "it must be >= 1")
     _check(fed.batch_size >= 1, "federation.batch_size", fed.batch_size, "it must be >= 1")
     _check(fed.downlink in DOWNLINKS, "federation.downlink", fed.downlink, f"choose one of {DOWNLINKS}")
+    _check(fed.algorithm in ALGORITHMS, "federation.algorithm", fed.algorithm, f"choose one of {ALGORITHMS}")
+    _check(fed.fo_lr > 0, "federation.fo_lr", fed.fo_lr, "it must be > 0")
     _check(fed.seed_scope in SEED_SCOPES, "federation.seed_scope", fed.seed_scope, f"choose one of {SEED_SCOPES}")
     _check(fed.pool_size >= 1, "federation.pool_size", fed.pool_size, "it must be >= 1")
     _check(fed.timeout_s > 0, "federation.timeout_s", fed.timeout_s, "it must be > 0")
+    _validate_reliability(cfg)
     _check(
         data.partition in ("natural", "dirichlet", "iid"),
         "data.partition",
@@ -145,7 +192,58 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(ev.personal_steps >= 1, "eval.personal_steps", ev.personal_steps, "it must be >= 1")
     _check(sim.cpus >= 1, "sim.cpus", sim.cpus, "it must be >= 1")
     _check(sim.cpus_per_client >= 1, "sim.cpus_per_client", sim.cpus_per_client, "it must be >= 1")
+    _validate_client(cfg)
     return cfg
+
+
+def _validate_client(cfg: RunConfig) -> None:
+    fed, cl = cfg.federation, cfg.client
+    allowed = f"it must be in [0, federation.clients={fed.clients}] (0: all)"
+    _check(0 <= fed.min_nodes <= fed.clients, "federation.min_nodes", fed.min_nodes, allowed)
+    _check(0 <= fed.node_wait_s < math.inf, "federation.node_wait_s", fed.node_wait_s, "it must be >= 0 (0: timeout_s)")
+    _check(cl.backend in CLIENT_BACKENDS, "client.backend", cl.backend, f"choose one of {CLIENT_BACKENDS}")
+    if cl.backend == "executorch":
+        _check(bool(cl.pte), "client.pte", cl.pte, "client.backend=executorch needs a .pte (python -m fedprge.export)")
+        _check(cfg.model.dtype == "float32", "model.dtype", cfg.model.dtype, "an exported .pte runs in float32")
+    else:
+        _check(cl.pte is None, "client.pte", cl.pte, "a program is only used with client.backend=executorch")
+
+
+def _validate_numbers(cfg: RunConfig) -> None:
+    """Numeric keys checked elsewhere without their dotted name (adapters, estimator, data loading)."""
+    lora, zo, data = cfg.lora, cfg.zo, cfg.data
+    _check(0 <= cfg.seed < 2**63, "seed", cfg.seed, "it must be in [0, 2**63)")
+    _check(lora.rank >= 1, "lora.rank", lora.rank, "it must be >= 1")
+    _check(0 < lora.alpha < math.inf, "lora.alpha", lora.alpha, "it must be finite and > 0")
+    _check(0 <= lora.a_seed < 2**32, "lora.a_seed", lora.a_seed, "it must be in [0, 2**32)")
+    _check(zo.q >= 1, "zo.q", zo.q, "the number of directions must be >= 1")
+    _check(0 < zo.eps < math.inf, "zo.eps", zo.eps, "it must be finite and > 0")
+    _check(0 < zo.lr < math.inf, "zo.lr", zo.lr, "it must be finite and > 0")
+    _check(0 < data.alpha < math.inf, "data.alpha", data.alpha, "the Dirichlet concentration must be finite, > 0")
+    _check(data.chunk_words >= 1, "data.chunk_words", data.chunk_words, "it must be >= 1")
+    for key in ("max_train_per_client", "max_test_per_client"):
+        _check(getattr(data, key) >= 1, f"data.{key}", getattr(data, key), "it must be >= 1")
+    _check(cfg.eval.max_clients >= 0, "eval.max_clients", cfg.eval.max_clients, "it must be >= 0 (0: all)")
+
+
+def _validate_reliability(cfg: RunConfig) -> None:
+    fed, flt = cfg.federation, cfg.faults
+    _check(fed.setup_timeout_s > 0, "federation.setup_timeout_s", fed.setup_timeout_s, "it must be > 0")
+    _check(fed.catchup in CATCHUPS, "federation.catchup", fed.catchup, f"choose one of {CATCHUPS}")
+    _check(fed.catchup_max_seeds >= 0, "federation.catchup_max_seeds", fed.catchup_max_seeds, "it must be >= 0")
+    _check(fed.aggregation in AGGREGATIONS, "federation.aggregation", fed.aggregation, f"choose one of {AGGREGATIONS}")
+    _check(0 <= fed.trim_fraction < 0.5, "federation.trim_fraction", fed.trim_fraction, "it must be in [0, 0.5)")
+    _check(0 <= fed.norm_bound < math.inf, "federation.norm_bound", fed.norm_bound, "it must be finite, >= 0 (0: off)")
+    _check(0 <= fed.max_abs_grad <= math.inf, "federation.max_abs_grad", fed.max_abs_grad, "it must be >= 0 (0: off)")
+    _check(1 <= fed.max_count_ratio <= math.inf, "federation.max_count_ratio", fed.max_count_ratio, "it must be >= 1")
+    allowed = "it must be in [0, federation.rounds) (0: never)"
+    _check(0 <= fed.stop_after < fed.rounds, "federation.stop_after", fed.stop_after, allowed)
+    _check(0 <= flt.drop_rate <= 1, "faults.drop_rate", flt.drop_rate, "it must be in [0, 1]")
+    _check(0 <= flt.straggler_rate <= 1, "faults.straggler_rate", flt.straggler_rate, "it must be in [0, 1]")
+    _check(0 <= flt.straggler_delay_s < math.inf, "faults.straggler_delay_s", flt.straggler_delay_s, "it must be >= 0")
+    _check(0 <= flt.poison_fraction <= 1, "faults.poison_fraction", flt.poison_fraction, "it must be in [0, 1]")
+    _check(flt.poison_kind in POISON_KINDS, "faults.poison_kind", flt.poison_kind, f"choose one of {POISON_KINDS}")
+    _check(math.isfinite(flt.poison_scale), "faults.poison_scale", flt.poison_scale, "it must be finite")
 
 
 def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> RunConfig:

@@ -25,18 +25,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 for _name in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
+from typing import TYPE_CHECKING  # noqa: E402
+
 import torch  # noqa: E402
-from transformers import (  # noqa: E402
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
 
 from fedprge.packages import cache_dir, cache_lock, package_file  # noqa: E402
+
+if TYPE_CHECKING:  # model classes are imported where models are built: a tokenizer alone stays light
+    from transformers import LlamaForCausalLM, PreTrainedModel
 
 MODEL_CHOICES = ("tiny", "smollm2")
 TOKENIZER_ASSET = Path(__file__).resolve().parent / "assets" / "smollm2-tokenizer"
@@ -101,6 +98,8 @@ def tiny_llama(
     Tied embeddings, 512 positions, SDPA attention; frozen and in eval mode. The global RNG state is left
     untouched (the init runs under ``torch.random.fork_rng``).
     """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -142,6 +141,8 @@ def _remove_stale_tmp(target: Path) -> None:
 
 def _convert_smollm2(target: Path) -> None:
     """Dequantise the SmolLM2 GGUF to fp32 safetensors (+config, tokenizer) at ``target``, atomically."""
+    from transformers import AutoModelForCausalLM
+
     gguf = package_file(*SMOLLM2_GGUF)
     gguf_model = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
@@ -190,6 +191,8 @@ def smollm2_dir() -> Path:
 
 
 def _load_local(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     if not (path / "config.json").exists():
         raise ValueError(f"{str(path)!r} has no config.json, so it is not a Hugging Face model folder")
     try:

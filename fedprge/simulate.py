@@ -5,6 +5,7 @@ Examples::
     python -m fedprge.simulate --clients 50
     python -m fedprge.simulate --config configs/smoke.yaml federation.downlink=weights zo.q=8
     python -m fedprge.simulate --clients 200 --ray-address 127.0.0.1:6379
+    python -m fedprge.simulate --resume runs/smoke-20260101-120000   # continue a killed run
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from fedprge.config import RunConfig, load_config
 from fedprge.results import RunWriter
@@ -27,8 +29,8 @@ def backend_config(cfg: RunConfig) -> dict:
     return {"client_resources": {"num_cpus": cfg.sim.cpus_per_client, "num_gpus": 0.0}, "init_args": init_args}
 
 
-def simulate(cfg: RunConfig, writer: RunWriter | None = None) -> dict:
-    """Run one simulation in this process and return its summary."""
+def simulate(cfg: RunConfig, writer: RunWriter | None = None, resume: bool = False) -> dict:
+    """Run one simulation in this process and return its summary (``resume``: continue ``writer.dir``)."""
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ["OMP_NUM_THREADS"] = str(cfg.sim.cpus_per_client)
     from flwr.simulation import run_simulation
@@ -44,9 +46,15 @@ def simulate(cfg: RunConfig, writer: RunWriter | None = None) -> dict:
     load_data(cfg)
     writer = writer or RunWriter(cfg)
     outcome: dict = {}
+    if cfg.federation.algorithm == "prge":
+        server_app, clients = make_server_app(cfg, writer, outcome, resume=resume), client_app
+    else:  # a first-order FedAvg baseline (fedprge.federation.fedavg), for comparisons
+        from fedprge.federation import fedavg
+
+        server_app, clients = fedavg.make_server_app(cfg, writer, outcome), fedavg.make_client_app(cfg)
     run_simulation(
-        server_app=make_server_app(cfg, writer, outcome),
-        client_app=client_app,
+        server_app=server_app,
+        client_app=clients,
         num_supernodes=cfg.federation.clients,
         backend_config=backend_config(cfg),
     )
@@ -57,7 +65,7 @@ def simulate(cfg: RunConfig, writer: RunWriter | None = None) -> dict:
     return outcome["summary"]
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, bool]:
+def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, bool, str | None]:
     p = argparse.ArgumentParser(
         prog="python -m fedprge.simulate",
         description=__doc__.split("\n\n")[0],
@@ -72,8 +80,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, bool]:
     p.add_argument("--ray-address", help="attach to a running Ray cluster, e.g. 127.0.0.1:6379")
     p.add_argument("--out", help="results folder (default: runs/NAME-TIMESTAMP)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its checkpoint.pt (its config.yaml; overrides may only change "
+        "name, out_dir, sim.*, federation.stop_after/checkpoint/setup_timeout_s)",
+    )
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. zo.q=8 federation.downlink=pool")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     over = list(a.overrides)
     for flag, key in (
         ("clients", "federation.clients"),
@@ -85,19 +99,31 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, bool]:
     ):
         if getattr(a, flag) is not None:
             over.append(f"{key}={getattr(a, flag)}")
+    files = [Path(a.resume) / "config.yaml", *a.config] if a.resume else a.config
     try:
-        cfg = load_config(a.config, over)
+        cfg = load_config(files, over)
+        if a.resume:
+            from fedprge.federation import checkpoint
+
+            checkpoint.check_compatible(checkpoint.load(Path(a.resume) / checkpoint.NAME)["config"], cfg)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
-    return cfg, a.no_progress
+    return cfg, a.no_progress, a.resume
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for name in ("flwr", "ray", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    cfg, no_progress = parse_args(argv)
-    simulate(cfg, RunWriter(cfg, out=None, progress=not no_progress))
+    cfg, no_progress, resume = parse_args(argv)
+    try:
+        simulate(cfg, RunWriter(cfg, out=resume, progress=not no_progress), resume=resume is not None)
+    except RuntimeError as e:
+        from fedprge.federation.server_app import RunStopped
+
+        if not isinstance(e.__cause__, RunStopped):
+            raise
+        return 3  # stopped on purpose (federation.stop_after); the server logged how to resume
     return 0
 
 

@@ -2,6 +2,11 @@
 
 Flower's ClientApp is stateless and re-created per message; :func:`load_task` caches one ``Task`` per process
 (one model per Ray worker, shared by all the virtual clients that worker runs).
+
+Two backends (config ``client.backend``): ``eager`` runs the PyTorch model; ``executorch`` runs an exported .pte
+with ExecuTorch's runtime (:mod:`fedprge.export.backend`) and loads only a tokenizer, never a model. A SuperNode
+picks its own with its node config: ``pte='/path/p.pte'`` makes it an ExecuTorch client, ``backend='eager'``
+or ``backend='executorch'`` selects explicitly (:func:`client_overrides`).
 """
 
 from __future__ import annotations
@@ -12,12 +17,12 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from fedprge.config import RunConfig, from_yaml
+from fedprge.config import ClientSection, RunConfig, from_yaml, validate
 from fedprge.data import ClientDataset, FederatedDataset, encode, load_federated, sample_indices
 from fedprge.engine import rng
 from fedprge.engine.adapters import LoRAFA
 from fedprge.engine.backend import Backend, EagerBackend
-from fedprge.engine.estimator import ZOConfig, prge_step
+from fedprge.engine.estimator import StepRecord, ZOConfig, finish_step, prge_step
 from fedprge.evaluate import evaluate
 from fedprge.federation.protocol import SeedSpec, step_seeds
 
@@ -41,11 +46,7 @@ class Task:
         fed = cfg.federation
         self.spec = SeedSpec(cfg.seed, cfg.zo.q, fed.seed_scope, fed.pool_size if fed.downlink == "pool" else 0)
         if backend is None:
-            from fedprge.models import load_model
-
-            dtype = getattr(torch, cfg.model.dtype)
-            model, tokenizer = load_model(cfg.model.name, dtype=dtype, seed=cfg.seed)
-            backend = EagerBackend(model, LoRAFA(model, cfg.lora_config()))
+            backend, tokenizer = make_backend(cfg)
         self.backend = backend
         self.tokenizer = tokenizer
         self.data: FederatedDataset = load_data(cfg)
@@ -69,17 +70,9 @@ class Task:
         steps, losses, grads = self.cfg.federation.local_steps, [], []
         for step in range(steps):
             batch = self.batch(partition, _BATCH_DOMAIN, rnd, partition, step)
-            seeds = step_seeds(self.spec, rnd, partition, step)
-            seen: list[torch.Tensor] = []
-
-            def loss_fn(reps: torch.Tensor, batch=batch, seen=seen) -> torch.Tensor:
-                out = self.backend.losses(reps, batch)
-                seen.append(out)
-                return out
-
-            b, rec = prge_step(loss_fn, b, seeds, self.zo)
+            b, rec, loss = self.step(b, step_seeds(self.spec, rnd, partition, step), batch)
             grads.append(rec.projected_grads)
-            losses.append(float(seen[-1].mean()))
+            losses.append(loss)
         n = steps * self.cfg.federation.batch_size
         return TrainResult(b, np.asarray(grads, dtype=np.float32), float(np.mean(losses)), n)
 
@@ -90,8 +83,30 @@ class Task:
             seeds = [
                 rng.derive_seed(self.cfg.seed, _PERSONAL_DOMAIN, tag, partition, step, i) for i in range(self.zo.q)
             ]
-            b, _ = prge_step(lambda reps, batch=batch: self.backend.losses(reps, batch), b, seeds, self.zo)
+            b, _, _ = self.step(b, seeds, batch)
         return b
+
+    def step(
+        self, b: torch.Tensor, seeds: list[int], batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, StepRecord, float]:
+        """One P-RGE step on ``batch``: ``(new b, StepRecord, mean of the 2q perturbed losses)``.
+
+        An ExecuTorch backend returns the 2q losses for the seeds (its program draws z); the host draws the same
+        z for the update. Either way :func:`~fedprge.engine.estimator.finish_step` turns losses into g and b.
+        """
+        if hasattr(self.backend, "perturbed_losses"):
+            losses = self.backend.perturbed_losses(seeds, b, batch)
+            z = rng.directions(seeds, b.numel(), self.zo.distribution)
+            new_b, rec = finish_step(b, z, seeds, losses, self.zo)
+            return new_b, rec, float(losses.mean())
+        seen: list[torch.Tensor] = []
+
+        def loss_fn(reps: torch.Tensor) -> torch.Tensor:
+            seen.append(self.backend.losses(reps, batch))
+            return seen[-1]
+
+        new_b, rec = prge_step(loss_fn, b, seeds, self.zo)
+        return new_b, rec, float(seen[-1].mean())
 
     def evaluate(self, b: torch.Tensor, partition: int) -> dict[str, float]:
         return evaluate(self.backend, self.tokenizer, b, self.client(partition).test, self.cfg.data.max_len)
@@ -112,9 +127,37 @@ def load_data(cfg: RunConfig) -> FederatedDataset:
     )
 
 
+def make_backend(cfg: RunConfig) -> tuple[Backend, object]:
+    """``(backend, tokenizer)`` of ``cfg.client.backend``; the executorch path loads no model (and no peft)."""
+    if cfg.client.backend == "executorch":
+        from fedprge.export.backend import load_pte_backend
+        from fedprge.models import load_tokenizer
+
+        return load_pte_backend(cfg, num_threads=max(1, cfg.sim.cpus_per_client)), load_tokenizer(cfg.model.name)
+    from fedprge.models import load_model
+
+    model, tokenizer = load_model(cfg.model.name, dtype=getattr(torch, cfg.model.dtype), seed=cfg.seed)
+    return EagerBackend(model, LoRAFA(model, cfg.lora_config())), tokenizer
+
+
+def client_overrides(node_config: dict) -> tuple[str | None, str | None]:
+    """``(backend, pte)`` a SuperNode's node config sets: ``pte`` alone implies ``backend='executorch'``."""
+    backend, pte = node_config.get("backend"), node_config.get("pte")
+    if pte is not None and backend is None:
+        backend = "executorch"
+    return (None if backend is None else str(backend)), (None if pte is None else str(pte))
+
+
 @lru_cache(maxsize=2)
-def load_task(config_yaml: str) -> Task:
-    """The process-wide Task for a run (keyed by its resolved YAML)."""
+def load_task(config_yaml: str, backend: str | None = None, pte: str | None = None) -> Task:
+    """The process-wide Task for a run (keyed by its resolved YAML), with a node's backend/pte overrides."""
     cfg = from_yaml(config_yaml)
+    if backend is not None or pte is not None:
+        backend = backend or cfg.client.backend
+        cfg.client = ClientSection(backend, (pte or cfg.client.pte) if backend == "executorch" else None)
+        try:
+            validate(cfg)
+        except ValueError as e:
+            raise ValueError(f"this SuperNode's node config (backend={backend!r}, pte={pte!r}): {e}") from None
     torch.set_num_threads(max(1, cfg.sim.cpus_per_client))
     return Task(cfg)

@@ -19,8 +19,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig
-from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
 from fedprge.engine import rng
@@ -78,6 +76,9 @@ class LoRAFA:
     """LoRA-FA adapters attached in place to a causal LM; B is handled as a flat vector of ``num_params``."""
 
     def __init__(self, model: nn.Module, config: LoRAConfig) -> None:
+        from peft import LoraConfig  # here, not at import: an ExecuTorch client process never needs peft
+        from peft.tuners.tuners_utils import check_target_module_exists
+
         self.model = model
         self.config = config
         peft_cfg = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.target_modules))

@@ -1,7 +1,9 @@
 """Backends evaluate losses of B replicas; a client talks to this interface, never to a model class.
 
 ``EagerBackend`` runs a PyTorch/transformers model with :class:`~fedprge.engine.adapters.LoRAFA` adapters. The
-ExecuTorch backend (``clients/``) implements the same two methods over a .pte program.
+ExecuTorch backend (:class:`fedprge.export.backend.PTEBackend`) runs a .pte program: its ``example_nll`` is the
+program's ``nll`` method, and instead of ``losses`` of B replicas it has ``perturbed_losses(seeds, b, batch)``,
+since the program draws the directions itself.
 """
 
 from __future__ import annotations

@@ -78,10 +78,24 @@ def perturbed_replicas(b: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Te
 
 def prge_step(loss_fn: LossFn, b: torch.Tensor, seeds: Sequence[int], cfg: ZOConfig) -> tuple[torch.Tensor, StepRecord]:
     """One P-RGE step: all 2q perturbed losses from one call of ``loss_fn``."""
-    q = len(seeds)
     z = rng.directions(seeds, b.numel(), cfg.distribution)
     with torch.no_grad():
-        losses = loss_fn(perturbed_replicas(b, z, cfg.eps)).to(torch.float32)
+        losses = loss_fn(perturbed_replicas(b, z, cfg.eps))
+    return finish_step(b, z, seeds, losses, cfg)
+
+
+def finish_step(
+    b: torch.Tensor, z: torch.Tensor, seeds: Sequence[int], losses: torch.Tensor, cfg: ZOConfig
+) -> tuple[torch.Tensor, StepRecord]:
+    """The rest of a P-RGE step once its 2q losses (order of :func:`perturbed_replicas`) are known.
+
+    Shared by :func:`prge_step` and clients whose losses come from elsewhere (an ExecuTorch program that draws
+    the directions itself), so every client turns losses into g and the new b with the same float32 ops.
+    """
+    q = len(seeds)
+    losses = losses.to(torch.float32)
+    if losses.shape != (2 * q,):
+        raise ValueError(f"a P-RGE step with q={q} needs 2q={2 * q} losses, got shape {tuple(losses.shape)}")
     g = (losses[:q] - losses[q:]) / (2 * cfg.eps)
     return apply_update(b, z, g, cfg.lr), StepRecord(tuple(int(s) for s in seeds), tuple(g.tolist()))
 

@@ -1,7 +1,8 @@
 """Export a :class:`~fedprge.export.program.PRGEProgram` to an ExecuTorch .pte, plus a sidecar JSON spec.
 
 torch.export.export -> executorch.exir.to_edge_transform_and_lower (XnnpackPartitioner, or no delegate for
-``portable``) -> to_executorch. The .pte holds two methods: ``forward`` (the 2q losses) and ``directions``.
+``portable``) -> to_executorch. The .pte holds three methods: ``forward`` (the 2q losses), ``directions`` (the
+in-program z) and ``nll`` (per-example NLL of one state, for held-out evaluation on the device).
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import torch
 
 from fedprge.engine.adapters import LoRAConfig, LoRAFA
 from fedprge.engine.estimator import ZOConfig
-from fedprge.export.program import PRGEProgram
+from fedprge.export.program import NLLProgram, PRGEProgram
 
 BACKENDS = ("xnnpack", "portable")
-METHODS = ("forward", "directions")
+METHODS = ("forward", "directions", "nll")
 
 
 def non_core_ops() -> list[torch._ops.OpOverload]:
@@ -92,6 +93,7 @@ def lower(program: PRGEProgram, batch_size: int, seq_len: int, backend: str = "x
         programs = {
             "forward": torch.export.export(program, inputs),
             "directions": torch.export.export(program.directions, (inputs[3],)),
+            "nll": torch.export.export(NLLProgram(program.model, program.lora), (*inputs[:3], inputs[4])),
         }
     partitioner = []
     if backend == "xnnpack":

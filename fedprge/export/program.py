@@ -3,6 +3,8 @@
 Inputs and outputs are plain tensors with static shapes, so :func:`torch.export.export` captures the whole step;
 the directions use exactly the integer ops of :mod:`fedprge.engine.rng` (no random op), so a program's z equals
 the host's ``rng.directions`` bit for bit.
+
+:class:`NLLProgram` is the evaluation method of the same .pte: per-example NLL of one state b.
 """
 
 from __future__ import annotations
@@ -14,6 +16,40 @@ from fedprge.data.encode import IGNORE_INDEX
 from fedprge.engine import rng
 from fedprge.engine.adapters import LoRAFA
 from fedprge.engine.estimator import perturbed_replicas
+
+HEAD_CHUNK_ROWS = 128  # positions per LM-head slice: the vocabulary-sized logits exist for one slice at a time
+
+
+def token_nll(
+    model: nn.Module,
+    lora: LoRAFA,
+    reps: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_rows: int = HEAD_CHUNK_ROWS,
+) -> torch.Tensor:
+    """NLL of every next token under each row of ``reps`` (dup, P) -> (dup * bs, T - 1), 0 where unlabelled.
+
+    The LM head runs on every position (a selection of labelled rows has a data-dependent shape), in static
+    slices of ``chunk_rows`` positions; ExecuTorch's memory planner gives all slices one buffer, so the
+    (positions x vocabulary) logits never exist at once. Unlabelled positions are masked out.
+    """
+    dup = reps.shape[0]
+    with lora.use(reps):
+        hidden = model.base_model(
+            input_ids=input_ids.repeat(dup, 1), attention_mask=attention_mask.repeat(dup, 1)
+        ).last_hidden_state
+    head = model.get_output_embeddings()
+    rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    targets = labels[:, 1:].repeat(dup, 1)
+    flat = targets.reshape(-1).clamp(min=0)
+    parts = []
+    for start in range(0, rows.shape[0], chunk_rows):
+        logp = torch.log_softmax(head(rows[start : start + chunk_rows]).float(), dim=-1)
+        parts.append(-logp.gather(-1, flat[start : start + chunk_rows].unsqueeze(-1)).squeeze(-1))
+    nll = torch.cat(parts).reshape(targets.shape)
+    return torch.where(targets != IGNORE_INDEX, nll, torch.zeros_like(nll))
 
 
 class DirectionsProgram(nn.Module):
@@ -36,8 +72,7 @@ class PRGEProgram(nn.Module):
 
     The order is :func:`~fedprge.engine.estimator.perturbed_replicas`' (rows 0..q-1 plus, q..2q-1 minus) and the
     loss is :class:`~fedprge.engine.backend.EagerBackend`'s: summed NLL of the labelled next tokens (labels
-    shifted by one, -100 ignored) over the number of labelled tokens. The LM head runs on every position (a
-    selection of labelled rows has a data-dependent shape); unlabelled ones are masked out of the sum.
+    shifted by one, -100 ignored) over the number of labelled tokens (:func:`token_nll`).
     """
 
     def __init__(self, model: nn.Module, lora: LoRAFA, q: int, eps: float, distribution: str = "gaussian") -> None:
@@ -57,18 +92,8 @@ class PRGEProgram(nn.Module):
         self, reps: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
         """Mean-token NLL of the batch under each row of ``reps`` (dup, P) -> (dup,)."""
-        dup = reps.shape[0]
-        with self.lora.use(reps):
-            hidden = self.model.base_model(
-                input_ids=input_ids.repeat(dup, 1), attention_mask=attention_mask.repeat(dup, 1)
-            ).last_hidden_state
-        logits = self.model.get_output_embeddings()(hidden[:, :-1]).float()
-        targets = labels[:, 1:].repeat(dup, 1)
-        labelled = targets != IGNORE_INDEX
-        logp = torch.log_softmax(logits, dim=-1)
-        nll = -logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        sums = torch.where(labelled, nll, torch.zeros_like(nll)).reshape(dup, -1).sum(1)
-        return sums / (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
+        nll = token_nll(self.model, self.lora, reps, input_ids, attention_mask, labels)
+        return nll.reshape(reps.shape[0], -1).sum(1) / (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
 
     def forward(
         self,
@@ -80,3 +105,22 @@ class PRGEProgram(nn.Module):
     ) -> torch.Tensor:
         z = self.directions(seeds)
         return self.losses(perturbed_replicas(b, z, self.eps), input_ids, attention_mask, labels)
+
+
+class NLLProgram(nn.Module):
+    """``(input_ids, attention_mask, labels, b) -> (sums (bs,) float32, counts (bs,) int64)`` for one state b.
+
+    Per-example summed NLL of the labelled next tokens and their number, as
+    :meth:`~fedprge.engine.backend.EagerBackend.example_nll` returns them: held-out evaluation on the device.
+    """
+
+    def __init__(self, model: nn.Module, lora: LoRAFA) -> None:
+        super().__init__()
+        self.model = model
+        self.lora = lora
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, b: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        nll = token_nll(self.model, self.lora, b.unsqueeze(0), input_ids, attention_mask, labels)
+        return nll.sum(1), (labels[:, 1:] != IGNORE_INDEX).sum(1)

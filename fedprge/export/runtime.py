@@ -1,4 +1,4 @@
-"""Run an exported P-RGE .pte with ExecuTorch's Python runtime (``executorch.runtime``).
+"""Run an exported P-RGE .pte with ExecuTorch's runtime (its native Python binding, no compiler imported).
 
 The program's input shapes (batch size, sequence length, q, P) are read from the .pte's method metadata;
 batches with fewer rows or tokens are padded to them (pad id, attention mask 0, label -100 for tokens; pad
@@ -20,42 +20,65 @@ from fedprge.export.lower import METHODS, ProgramSpec, spec_path
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
 
 
+def native():
+    """ExecuTorch's native runtime module (the one ``executorch.runtime`` wraps).
+
+    Imported directly: its wrapper ``portable_lib``, and with it ``executorch.runtime``, first imports the whole
+    exir compiler and torch._dynamo (3-5 s and ~100 MB more per client process) for a warning class. A client
+    process needs only this binding and its kernels (portable ops, XNNPACK delegate).
+    """
+    from executorch.extension.pybindings import _portable_lib
+
+    return _portable_lib
+
+
 def set_threads(num_threads: int) -> None:
     """Size ExecuTorch's (process-wide) threadpool, used by XNNPACK and some portable kernels."""
-    from executorch.extension.pybindings import portable_lib
-
     if num_threads < 1:
         raise ValueError(f"num_threads={num_threads} is invalid; it must be >= 1")
-    if portable_lib._threadpool_get_thread_count() != num_threads:
-        portable_lib._unsafe_reset_threadpool(num_threads)
+    if native()._threadpool_get_thread_count() != num_threads:
+        native()._unsafe_reset_threadpool(num_threads)
 
 
 class PTEProgram:
-    """A P-RGE .pte: :meth:`losses` (the 2q perturbed losses) and :meth:`directions` (the in-program z)."""
+    """A P-RGE .pte: :meth:`losses` (the 2q perturbed losses), :meth:`directions` (the in-program z) and
+    :meth:`nll` (per-example NLL of one state)."""
 
-    def __init__(self, path: str | Path, num_threads: int | None = None) -> None:
-        from executorch.runtime import Runtime
-
+    def __init__(self, path: str | Path, num_threads: int | None = None, one_method: bool = True) -> None:
         self.path = Path(path)
+        self.one_method = one_method
         if not self.path.is_file():
             raise FileNotFoundError(f"ExecuTorch program {str(self.path)!r} does not exist")
         if num_threads is not None:
             set_threads(num_threads)
-        self.program = Runtime.get().load_program(self.path)
-        missing = [m for m in METHODS if m not in self.program.method_names]
+        self.program = native()._load_program(str(self.path))
+        self.method_names = {self.program.get_method_name(i) for i in range(self.program.num_methods())}
+        missing = [m for m in METHODS if m not in self.method_names]
         if missing:
             raise ValueError(
-                f"{str(self.path)!r} has methods {sorted(self.program.method_names)}; a P-RGE program needs {METHODS}"
+                f"{str(self.path)!r} has methods {sorted(self.method_names)}; a P-RGE program needs "
+                f"{METHODS} (re-export it with python -m fedprge.export)"
             )
-        meta = self.program.metadata("forward")
+        meta = self.program.method_meta("forward")
         self.batch_size, self.seq_len = meta.input_tensor_meta(0).sizes()
         (self.q,) = meta.input_tensor_meta(3).sizes()
         (self.num_params,) = meta.input_tensor_meta(4).sizes()
         sidecar = spec_path(self.path)
         self.spec: ProgramSpec | None = ProgramSpec.load(sidecar) if sidecar.exists() else None
         self.pad_token_id = self.spec.pad_token_id if self.spec else 0
-        self._forward = self.program.load_method("forward")
-        self._directions = self.program.load_method("directions")
+        self._methods: dict[str, object] = {}
+
+    def _method(self, name: str):
+        """A method, loaded on first use (its planned memory and, with XNNPACK, its own packed copy of the weights).
+
+        With ``one_method`` (the default) loading one unloads the others: an evaluation that alternates between
+        ``forward`` and ``nll`` reloads (0.3 s for SmolLM2-135M) instead of holding two packed copies (+0.7 GB).
+        """
+        if name not in self._methods:
+            if self.one_method:
+                self._methods.clear()
+            self._methods[name] = self.program.load_method(name)
+        return self._methods[name]
 
     def _seeds(self, seeds: torch.Tensor | Sequence[int]) -> torch.Tensor:
         s = torch.as_tensor(list(seeds) if not isinstance(seeds, torch.Tensor) else seeds, dtype=torch.int64)
@@ -92,8 +115,16 @@ class PTEProgram:
         if b.shape != (self.num_params,):
             raise ValueError(f"b has shape {tuple(b.shape)}; this program's adapters have ({self.num_params},)")
         inputs = (*self.pad(batch), self._seeds(seeds), b.to(torch.float32).contiguous())
-        return self._forward.execute(inputs)[0].clone()
+        return self._method("forward")(inputs)[0].clone()
 
     def directions(self, seeds: torch.Tensor | Sequence[int]) -> torch.Tensor:
         """(q, P) directions computed by the program; equal to ``rng.directions(seeds, P)`` bit for bit."""
-        return self._directions.execute((self._seeds(seeds),))[0].clone()
+        return self._method("directions")((self._seeds(seeds),))[0].clone()
+
+    def nll(self, b: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example summed NLL (float32) and labelled-token counts (int64) of ``batch`` under state ``b``."""
+        if b.shape != (self.num_params,):
+            raise ValueError(f"b has shape {tuple(b.shape)}; this program's adapters have ({self.num_params},)")
+        rows = batch["input_ids"].shape[0] if "input_ids" in batch else 0
+        sums, counts = self._method("nll")((*self.pad(batch), b.to(torch.float32).contiguous()))
+        return sums[:rows].clone(), counts[:rows].clone()

@@ -2,6 +2,8 @@
 
 Per-node state lives in ``context.state`` (it survives rounds in simulation and deployment): the run's
 config (from registration), the last synced global B and the round it reflects, and the personal B.
+A SuperNode's node config may pick the client backend (``pte='/path/p.pte'``: an ExecuTorch client that loads no
+model; see :func:`fedprge.task.client_overrides`).
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedprge.federation import faults
 from fedprge.federation.protocol import GlobalState, apply_coefficients, pack_f32
-from fedprge.task import Task, load_task
+from fedprge.task import Task, client_overrides, load_task
 
 app = ClientApp()
 
@@ -29,7 +32,7 @@ def partition_of(context: Context) -> int:
 def task_of(context: Context) -> Task:
     if "setup" not in context.state:
         raise RuntimeError("this node has not been registered (no 'query' message received yet)")
-    return load_task(str(context.state["setup"]["config"]))
+    return load_task(str(context.state["setup"]["config"]), *client_overrides(context.node_config))
 
 
 def sync_global(task: Task, context: Context, msg: Message) -> torch.Tensor:
@@ -70,7 +73,11 @@ def register(msg: Message, context: Context) -> Message:
     task = task_of(context)
     part = partition_of(context)
     info = ConfigRecord(
-        {"partition": part, "num_examples": len(task.client(part).train), "num_params": task.num_params}
+        {
+            "partition": part,
+            "num_examples": faults.claimed_examples(task.cfg, part, len(task.client(part).train)),
+            "num_params": task.num_params,
+        }
     )
     return Message(RecordDict({"info": info}), reply_to=msg)
 
@@ -79,13 +86,22 @@ def register(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     task, part = task_of(context), partition_of(context)
     rnd = int(msg.content["round"]["round"])
+    fault = faults.fault_for(task.cfg, rnd, part)  # injected faults (config section `faults`; none by default)
+    if fault.drop:
+        return faults.dropped_reply(msg, part, rnd)
+    if fault.straggle:
+        faults.straggle(task.cfg)
     b = sync_global(task, context, msg)
     res = task.train(b, part, rnd)
     context.state["personal"] = ArrayRecord(array_dict={"b": Array(res.b.numpy())})
+    grads = faults.corrupt(res.projected_grads, fault.poison, task.cfg.faults.poison_scale)
     content = RecordDict(
         {
             "update": ConfigRecord(
-                {"projected_grads": pack_f32(res.projected_grads.ravel()), "num_examples": len(task.client(part).train)}
+                {
+                    "projected_grads": pack_f32(grads),
+                    "num_examples": faults.claimed_examples(task.cfg, part, len(task.client(part).train)),
+                }
             ),
             "metrics": MetricRecord({"train_loss": res.loss}),
         }

@@ -12,6 +12,9 @@ Message types (Flower ``message_type``) and their content (``RecordDict`` keys):
 * ``evaluate``: down ``"round"`` + ``"state"`` + ConfigRecord ``"eval"`` {methods: list[str]};
   up MetricRecord ``"metrics"`` {<method>_loss, <method>_acc, num_examples}.
 
+Every ``train`` / ``evaluate`` message has ``group_id = str(round)``; the server reads only the first reply of
+each node to a message it sent in the current round (``reply_to``), and never a seed from a client.
+
 Downlink forms of the global state (``GlobalState.kind``):
   ``weights``: ArrayRecord{"b": float32 (P,)}, the new global B itself.
   ``seeds``: ConfigRecord{rounds, sizes, seeds: uint32 bytes, coefs: float32 bytes}: the aggregated
@@ -63,10 +66,17 @@ def pack_f32(values) -> bytes:
     return np.asarray(values, dtype="<f4").tobytes()
 
 
-def unpack_f32(data: bytes) -> np.ndarray:
+def _check_bytes(data: object, what: str) -> bytes:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ValueError(f"a {what} field must be bytes, got {type(data).__name__}")
     if len(data) % 4:
-        raise ValueError(f"a float32 field has {len(data)} bytes, not a multiple of 4")
-    return np.frombuffer(data, dtype="<f4").copy()
+        raise ValueError(f"a {what} field has {len(data)} bytes, not a multiple of 4")
+    return bytes(data)
+
+
+def unpack_f32(data: bytes) -> np.ndarray:
+    """Little-endian float32 bytes to an array; ValueError on anything else."""
+    return np.frombuffer(_check_bytes(data, "float32"), dtype="<f4").copy()
 
 
 def pack_u32(values) -> bytes:
@@ -74,9 +84,23 @@ def pack_u32(values) -> bytes:
 
 
 def unpack_u32(data: bytes) -> list[int]:
-    if len(data) % 4:
-        raise ValueError(f"a uint32 field has {len(data)} bytes, not a multiple of 4")
-    return np.frombuffer(data, dtype="<u4").astype(np.int64).tolist()
+    """Little-endian uint32 bytes to Python ints; ValueError on anything else."""
+    return np.frombuffer(_check_bytes(data, "uint32"), dtype="<u4").astype(np.int64).tolist()
+
+
+def _field(rec: object, key: str, kind: str) -> object:
+    try:
+        return rec[key]  # type: ignore[index]
+    except (KeyError, TypeError, AttributeError):
+        raise ValueError(f"the {kind} record has no field {key!r}") from None
+
+
+def _int_list(value: object, key: str, minimum: int) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"seed state field {key!r} must be a list of integers, got {value!r:.80}")
+    if any(v < minimum for v in value):
+        raise ValueError(f"seed state field {key!r} must hold integers >= {minimum}, got {value!r:.80}")
+    return list(value)
 
 
 @dataclass
@@ -115,20 +139,31 @@ class GlobalState:
 
     @classmethod
     def from_record(cls, kind: str, rec: ArrayRecord | ConfigRecord) -> GlobalState:
+        """Decode a downlinked state; raises ValueError (naming the field) on any malformed record."""
         if kind == "weights":
-            return cls(kind, b=torch.from_numpy(rec["b"].numpy().astype(np.float32)))
+            arr = _field(rec, "b", kind)
+            try:
+                b = np.asarray(arr.numpy(), dtype=np.float32)  # type: ignore[attr-defined]
+            except Exception as e:  # a malformed Array fails inside numpy/Flower with various types
+                raise ValueError(f"the weights state's 'b' is not a float array: {e}") from None
+            if b.ndim != 1:
+                raise ValueError(f"the weights state's 'b' must be a flat vector, got shape {b.shape}")
+            return cls(kind, b=torch.from_numpy(b.copy()))
         if kind == "seeds":
-            seeds, coefs = unpack_u32(rec["seeds"]), unpack_f32(rec["coefs"])
-            sizes, rounds = list(rec["sizes"]), list(rec["rounds"])
+            seeds, coefs = unpack_u32(_field(rec, "seeds", kind)), unpack_f32(_field(rec, "coefs", kind))
+            sizes = _int_list(_field(rec, "sizes", kind), "sizes", 0)
+            rounds = _int_list(_field(rec, "rounds", kind), "rounds", 1)
             if sum(sizes) != len(seeds) or len(seeds) != len(coefs) or len(sizes) != len(rounds):
                 raise ValueError(f"inconsistent seed update: sizes {sizes}, {len(seeds)} seeds, {len(coefs)} coefs")
+            if any(b <= a for a, b in zip(rounds, rounds[1:], strict=False)):
+                raise ValueError(f"seed update rounds must increase strictly, got {rounds}")
             updates, start = [], 0
             for r, n in zip(rounds, sizes, strict=True):
                 updates.append(RoundUpdate(r, seeds[start : start + n], coefs[start : start + n]))
                 start += n
             return cls(kind, updates=updates)
         if kind == "pool":
-            return cls(kind, pool_coefs=unpack_f32(rec["coefs"]))
+            return cls(kind, pool_coefs=unpack_f32(_field(rec, "coefs", kind)))
         raise ValueError(f"unknown downlink kind {kind!r}")
 
 
@@ -146,8 +181,8 @@ def apply_coefficients(
 
 
 def decode_grads(update: ConfigRecord, local_steps: int, q: int) -> np.ndarray:
-    """The (local_steps, q) float32 projected gradients of a train reply; raises on a wrong count."""
-    g = unpack_f32(update["projected_grads"])
+    """The (local_steps, q) float32 projected gradients of a train reply; ValueError on a wrong count or type."""
+    g = unpack_f32(_field(update, "projected_grads", "update"))
     if g.size != local_steps * q:
         raise ValueError(f"reply carries {g.size} projected gradients; expected local_steps*q = {local_steps * q}")
     return g.reshape(local_steps, q)

@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from fedprge.config import RunConfig, load_config, to_yaml
+from fedprge.config import RunConfig, from_yaml, load_config, to_yaml
+from fedprge.federation import checkpoint
 from fedprge.federation.protocol import content_bytes, wire_bytes
 from fedprge.federation.strategy import Client, PRGEStrategy
 from fedprge.results import RunWriter
 
 log = logging.getLogger("fedprge.server")
+
+
+class RunStopped(RuntimeError):
+    """The run stopped early on purpose (``federation.stop_after``); its checkpoint can be resumed."""
 
 
 class Traffic:
@@ -43,14 +48,37 @@ class Traffic:
             self.count[f"{phase}_{direction}"] += 1
         return total
 
+    def state(self) -> dict[str, dict[str, int]]:
+        return {"bytes": dict(self.bytes), "payload": dict(self.payload), "count": dict(self.count)}
 
-def wait_for_nodes(grid: Grid, n: int, timeout_s: float) -> list[int]:
-    """Block until ``n`` nodes are connected; fail loudly if they never come (no silent empty rounds)."""
+    def restore(self, state: dict[str, dict[str, int]]) -> None:
+        for name in ("bytes", "payload", "count"):
+            getattr(self, name).update(state[name])
+
+
+def wait_for_nodes(grid: Grid, n: int, timeout_s: float, min_nodes: int = 0) -> list[int]:
+    """Block until ``n`` nodes are connected; fail loudly if they never come (no silent empty rounds).
+
+    With ``0 < min_nodes < n`` the run settles, after ``timeout_s``, for the ``>= min_nodes`` nodes present,
+    with a warning naming how many are missing."""
     start = time.monotonic()
     while len(nodes := sorted(grid.get_node_ids())) < n:
         if time.monotonic() - start > timeout_s:
+            if min_nodes and len(nodes) >= min_nodes:
+                log.warning(
+                    "only %d of %d nodes connected within %.0f s: %d missing; starting with %d "
+                    "(federation.min_nodes=%d); check the missing SuperNodes' logs and network",
+                    len(nodes),
+                    n,
+                    timeout_s,
+                    n - len(nodes),
+                    len(nodes),
+                    min_nodes,
+                )
+                return nodes
+            need = f" (federation.min_nodes={min_nodes})" if min_nodes else ""
             raise RuntimeError(
-                f"only {len(nodes)} of {n} nodes connected within {timeout_s:.0f} s; "
+                f"only {len(nodes)} of {n} nodes connected within {timeout_s:.0f} s{need}; "
                 "check that every SuperNode is running and can reach the SuperLink"
             )
         time.sleep(0.2)
@@ -66,24 +94,50 @@ def register(
     traffic.add("setup", "down", msgs)
     replies = list(grid.send_and_receive(msgs, timeout=timeout_s))
     traffic.add("setup", "up", replies)
-    clients, seen = [], set()
+    return accept_registrations(replies, cfg)
+
+
+def accept_registrations(replies: list[Message], cfg: RunConfig) -> tuple[list[Client], int]:
+    """The valid registrations (rules in :mod:`fedprge.federation.strategy`); every refusal is logged."""
+    infos: list[tuple[int, dict[str, int]]] = []
     for r in replies:
+        node = r.metadata.src_node_id
         if r.has_error():
-            log.warning("node %s failed to register: %s", r.metadata.src_node_id, r.error.reason)
+            log.warning("node %s failed to register: %s", node, r.error.reason)
             continue
-        info = r.content["info"]
-        part = int(info["partition"])
-        if part in seen:
-            log.warning("node %s claims partition %d, already taken; ignored", r.metadata.src_node_id, part)
+        try:
+            info = {k: r.content["info"][k] for k in ("partition", "num_examples", "num_params")}
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in info.values()):
+                raise ValueError(f"non-integer values {info}")
+        except (KeyError, TypeError, ValueError) as e:
+            log.warning("node %s rejected at registration: malformed info record (%s)", node, e)
             continue
-        seen.add(part)
-        clients.append(Client(r.metadata.src_node_id, part, int(info["num_examples"])))
+        infos.append((node, info))
+    if not infos:
+        raise RuntimeError("no node registered; see the client errors above")
+    sizes = Counter(info["num_params"] for _, info in infos)
+    num_params, votes = sizes.most_common(1)[0]
+    if len(sizes) > 1 and 2 * votes <= len(infos):
+        raise RuntimeError(f"registered nodes disagree on the adapter size: {sorted(sizes)} (no majority)")
+    clients, seen = [], set()
+    for node, info in infos:
+        part, n = info["partition"], info["num_examples"]
+        if info["num_params"] != num_params:
+            why = f"adapter size {info['num_params']} differs from the majority's {num_params}"
+        elif not 0 <= part < cfg.federation.clients:
+            why = f"partition={part} is outside [0, federation.clients={cfg.federation.clients})"
+        elif part in seen:
+            why = f"partition {part} is already taken"
+        elif n < 1:
+            why = f"num_examples={n} must be >= 1"
+        else:
+            seen.add(part)
+            clients.append(Client(node, part, n))
+            continue
+        log.warning("node %s rejected at registration: %s", node, why)
     if not clients:
         raise RuntimeError("no node registered; see the client errors above")
-    params = {int(r.content["info"]["num_params"]) for r in replies if not r.has_error()}
-    if len(params) != 1:
-        raise RuntimeError(f"registered nodes disagree on the adapter size: {sorted(params)}")
-    return sorted(clients, key=lambda c: c.partition), params.pop()
+    return sorted(clients, key=lambda c: c.partition), num_params
 
 
 def evaluate(
@@ -91,26 +145,40 @@ def evaluate(
 ) -> list[dict[str, float]]:
     msgs = list(strategy.configure_evaluate(rnd, None, None, grid, methods=methods, clients=clients))
     traffic.add("evaluate", "down", msgs)
-    replies = list(grid.send_and_receive(msgs, timeout=strategy.cfg.federation.timeout_s))
+    replies = list(grid.send_and_receive(msgs, timeout=strategy.cfg.federation.setup_timeout_s))
     traffic.add("evaluate", "up", replies)
     return strategy.evaluation_rows(rnd, replies)
 
 
-def run_federation(grid: Grid, cfg: RunConfig, writer: RunWriter | None = None) -> dict:
-    """The whole run; returns the summary written to ``summary.json``."""
+def run_federation(grid: Grid, cfg: RunConfig, writer: RunWriter | None = None, resume: bool = False) -> dict:
+    """The whole run; returns the summary written to ``summary.json``.
+
+    After every round the server state goes to ``checkpoint.pt`` in the run folder; ``resume=True`` continues
+    from it (same config, see :mod:`fedprge.federation.checkpoint`) and ends with the same global B."""
     fed = cfg.federation
     writer = writer or RunWriter(cfg)
     traffic = Traffic()
     t0 = time.monotonic()
-    nodes = wait_for_nodes(grid, fed.clients, timeout_s=fed.timeout_s)
-    clients, num_params = register(grid, nodes, cfg, traffic, fed.timeout_s)
+    nodes = wait_for_nodes(grid, fed.clients, fed.node_wait_s or fed.timeout_s, fed.min_nodes)
+    clients, num_params = register(grid, nodes, cfg, traffic, fed.setup_timeout_s)
     strategy = PRGEStrategy(cfg, clients, num_params)
     strategy.summary()
     eval_clients = clients[: cfg.eval.max_clients] if cfg.eval.max_clients else clients
     curve_clients = eval_clients[: cfg.eval.curve_clients] if cfg.eval.curve_clients else eval_clients
     writer.curve_partitions = {c.partition for c in curve_clients}
-    before = evaluate(grid, strategy, 0, ["global"], traffic, eval_clients)
-    writer.evaluation(0, before)
+    path, first, seconds = writer.dir / checkpoint.NAME, 1, 0.0
+    if resume:
+        ck = checkpoint.load(path)
+        checkpoint.check_compatible(ck["config"], cfg)
+        strategy.load_state_dict(ck["strategy"])
+        writer.rounds, writer.evals = list(ck["rounds"]), {int(r): rows for r, rows in ck["evals"].items()}
+        traffic.restore(ck["traffic"])
+        first, seconds = int(ck["round"]) + 1, float(ck["seconds"])
+        before = writer.evals[0]
+        log.info("resumed %s after round %d; every node starts unsynced", writer.dir, first - 1)
+    else:
+        before = evaluate(grid, strategy, 0, ["global"], traffic, eval_clients)
+        writer.evaluation(0, before)
     columns = [
         TextColumn("[bold]round {task.completed}/{task.total}"),
         BarColumn(),
@@ -119,51 +187,75 @@ def run_federation(grid: Grid, cfg: RunConfig, writer: RunWriter | None = None) 
         TimeRemainingColumn(),
     ]
     with Progress(*columns, disable=not writer.progress) as bar:
-        task = bar.add_task("rounds", total=fed.rounds, info="")
-        for rnd in range(1, fed.rounds + 1):
+        task = bar.add_task("rounds", total=fed.rounds, completed=first - 1, info="")
+        for rnd in range(first, fed.rounds + 1):
             t_round = time.monotonic()
             msgs = list(strategy.configure_train(rnd, None, None, grid))
             down = traffic.add("train", "down", msgs)
+            kinds = Counter(str(m.content["round"]["downlink"]) for m in msgs)
             replies = list(grid.send_and_receive(msgs, timeout=fed.timeout_s))
             up = traffic.add("train", "up", replies)  # with federation.verify it includes the B check
-            stats = strategy.aggregate(rnd, replies)
+            stats = strategy.aggregate(rnd, replies, sent=msgs)
             row = {
                 "round": rnd,
                 "sampled": len(msgs),
                 "ok": stats.ok,
                 "failed": len(stats.failed),
+                "late": len(stats.late),
+                "rejected": len(stats.rejected),
+                "clipped": len(stats.clipped),
                 "skipped": stats.skipped,
+                "down_seeds": kinds["seeds"],
+                "down_weights": kinds["weights"],
                 "train_loss": stats.train_loss,
                 "uplink_bytes": up,
                 "downlink_bytes": down,
                 "uplink_bytes_per_client": up / max(stats.ok, 1),
                 "downlink_bytes_per_client": down / max(len(msgs), 1),
-                "reconstruction_error": stats.reconstruction_error,
+                "reconstruction_error": float(stats.reconstruction_error),
                 "seconds": time.monotonic() - t_round,
             }
             if cfg.eval.every and rnd % cfg.eval.every == 0 and rnd != fed.rounds:
                 writer.evaluation(rnd, evaluate(grid, strategy, rnd, ["global"], traffic, curve_clients))
             writer.round(row, writer.last_eval(rnd))
+            if fed.checkpoint:
+                state = {
+                    "config": to_yaml(cfg),
+                    "round": rnd,
+                    "strategy": strategy.state_dict(),
+                    "rounds": writer.rounds,
+                    "evals": writer.evals,
+                    "traffic": traffic.state(),
+                    "seconds": seconds + time.monotonic() - t0,
+                }
+                checkpoint.save(path, state)
             info = f"train loss {stats.train_loss:.4f}  up {row['uplink_bytes_per_client']:.0f} B/client"
             bar.update(task, advance=1, info=info)
+            if rnd == fed.stop_after:
+                raise RunStopped(
+                    f"stopped after round {rnd} (federation.stop_after={rnd}); "
+                    f"continue with: python -m fedprge.simulate --resume {writer.dir}"
+                )
     after = evaluate(grid, strategy, fed.rounds, list(cfg.eval.personalization), traffic, eval_clients)
     writer.evaluation(fed.rounds, after)
-    return writer.finish(strategy.b, traffic, before, after, time.monotonic() - t0, strategy.num_params)
+    return writer.finish(strategy.b, traffic, before, after, seconds + time.monotonic() - t0, strategy.num_params)
 
 
-def make_server_app(cfg: RunConfig, writer: RunWriter | None = None, outcome: dict | None = None) -> ServerApp:
+def make_server_app(
+    cfg: RunConfig, writer: RunWriter | None = None, outcome: dict | None = None, resume: bool = False
+) -> ServerApp:
     """A ServerApp bound to ``cfg``; ``outcome`` receives the run's ``summary`` or the ``error`` that ended it."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            summary = run_federation(grid, cfg, writer)
+            summary = run_federation(grid, cfg, writer, resume=resume)
         except Exception as e:
             if outcome is None:
                 raise
             outcome["error"] = e
-            log.error("the federation failed: %s", e)
+            (log.warning if isinstance(e, RunStopped) else log.error)("the federation failed: %s", e)
             return
         if outcome is not None:
             outcome["summary"] = summary
@@ -176,6 +268,8 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """``flwr run``: dotted run-config keys (e.g. ``federation.clients``) override the defaults."""
-    overrides = [f"{k}={v}" for k, v in context.run_config.items()]
-    run_federation(grid, load_config(overrides=overrides))
+    """``flwr run``: dotted run-config keys (e.g. ``federation.clients``) override the defaults; a non-empty
+    ``config`` key is a whole fedprge YAML config that replaces them (``clients/fleet.py`` sends its resolved one)."""
+    keys = {k: v for k, v in context.run_config.items() if k != "config"}
+    text = str(context.run_config.get("config") or "")
+    run_federation(grid, from_yaml(text) if text else load_config(overrides=[f"{k}={v}" for k, v in keys.items()]))

@@ -1,0 +1,225 @@
+"""``python -m fedprge.compare``: what federated fine-tuning costs in bytes, method by method, on the same clients.
+
+Runs every method on the same partition, seed and model and prints one table (metric reached, uplink and
+downlink bytes per client-round, totals, bytes to reach a target metric, wall time), written as CSV and
+Markdown with a plot of metric vs cumulative bytes. ``--calculator`` instead predicts the bytes of every method
+for a model (a Hugging Face config.json, no weights) and a fleet we cannot run here.
+
+    python -m fedprge.compare                                   # SmolLM2, 10 clients, every method but full FedAvg
+    python -m fedprge.compare --model tiny --methods all        # includes full-parameter FedAvg
+    python -m fedprge.compare --calculator path/to/config.json --clients 100000 --rounds 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedprge.config import RunConfig, load_config
+
+# method -> config overrides on top of the shared base
+METHODS: dict[str, list[str]] = {
+    "prge-seeds": ["federation.downlink=seeds"],
+    "prge-weights": ["federation.downlink=weights"],
+    "prge-pool": ["federation.downlink=pool"],
+    "mezo": ["zo.q=1", "federation.downlink=seeds"],
+    "fedkseed": ["zo.q=1", "federation.downlink=pool", "federation.pool_size=4096"],
+    "fedavg-lora-fa": ["federation.algorithm=fedavg_lora_fa"],
+    "fedavg-lora": ["federation.algorithm=fedavg_lora"],
+    "fedavg-full": ["federation.algorithm=fedavg_full"],
+}
+DEFAULT_METHODS = [m for m in METHODS if m != "fedavg-full"]
+BASE = [
+    "federation.clients=10",
+    "federation.fraction=0.5",
+    "federation.rounds=5",
+    "eval.every=1",
+    "eval.curve_clients=0",
+    "eval.personalization=[global]",
+]
+
+
+@dataclass
+class Row:
+    method: str
+    metric: float
+    untuned: float
+    uplink_per_client_round: float
+    downlink_per_client_round: float
+    total_bytes: int
+    bytes_to_target: float
+    seconds: float
+    curve: list[tuple[int, float]]  # (cumulative bytes, metric) from round 0
+
+
+def run_method(name: str, base: list[str], files: list[str], out: Path) -> Row:
+    from fedprge.results import RunWriter
+    from fedprge.simulate import simulate
+
+    cfg = load_config(files, [*BASE, *base, *METHODS[name], f"name={name}"])
+    writer = RunWriter(cfg, out=out / name, progress=False)
+    summary = simulate(cfg, writer)
+    curve, cum = [], 0
+    for rnd in range(cfg.federation.rounds + 1):
+        if rnd:
+            r = writer.rounds[rnd - 1]
+            cum = r["cum_uplink_bytes"] + r["cum_downlink_bytes"]
+        point = writer.curve_point(rnd)
+        if point is not None:
+            curve.append((cum, point))
+    b = summary["bytes"]
+    return Row(
+        name,
+        summary["methods"]["global"]["mean"],
+        summary["methods"]["untuned"]["mean"],
+        summary["uplink_bytes_per_client_round"],
+        summary["downlink_bytes_per_client_round"],
+        int(b.get("train_up", 0) + b.get("train_down", 0)),
+        math.nan,
+        summary["seconds"],
+        curve,
+    )
+
+
+def bytes_to(curve: list[tuple[int, float]], target: float, higher: bool) -> float:
+    """Cumulative bytes at the first evaluation that reaches ``target`` (nan if never)."""
+    for cum, m in curve:
+        if (m >= target) if higher else (m <= target):
+            return float(cum)
+    return math.nan
+
+
+def write_outputs(rows: list[Row], out: Path, metric: str, higher: bool, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    fedavg = next((r for r in rows if r.method == "fedavg-lora-fa"), None)
+    cols = ["method", f"final {metric}", "uplink B/client-round", "x smaller than FedAvg B", "downlink B/client-round"]
+    cols += ["total bytes", "bytes to target", "seconds"]
+    records = []
+    for r in rows:
+        ratio = fedavg.uplink_per_client_round / r.uplink_per_client_round if fedavg else math.nan
+        records.append(
+            [r.method, f"{r.metric:.4f}", f"{r.uplink_per_client_round:,.0f}", f"{ratio:,.0f}x"]
+            + [f"{r.downlink_per_client_round:,.0f}", f"{r.total_bytes:,}", _fmt(r.bytes_to_target), f"{r.seconds:.0f}"]
+        )
+    table = Table(title=title)
+    for c in cols:
+        table.add_column(c, justify="left" if c == "method" else "right")
+    for rec in records:
+        table.add_row(*rec)
+    Console().print(table)
+    with open(out / "compare.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            ["method", "metric", "untuned", "uplink_per_client_round", "downlink_per_client_round"]
+            + ["total_bytes", "bytes_to_target", "seconds"]
+        )
+        for r in rows:
+            w.writerow(
+                [
+                    r.method,
+                    r.metric,
+                    r.untuned,
+                    r.uplink_per_client_round,
+                    r.downlink_per_client_round,
+                    r.total_bytes,
+                    r.bytes_to_target,
+                    r.seconds,
+                ]
+            )
+    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + ["| " + " | ".join(x) + " |" for x in records]
+    (out / "compare.md").write_text(f"{title}\n\n" + "\n".join(md) + "\n")
+    (out / "compare.json").write_text(json.dumps([r.__dict__ for r in rows], indent=2))
+    plot(rows, out / "compare.png", metric, title)
+
+
+def _fmt(x: float) -> str:
+    return "not reached" if math.isnan(x) else f"{x:,.0f}"
+
+
+def plot(rows: list[Row], path: Path, metric: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        xs = [max(c, 1) for c, _ in r.curve]  # round 0 has sent nothing; place it at 1 byte on the log axis
+        ax.plot(xs, [m for _, m in r.curve], marker="o", label=r.method)
+    ax.set_xscale("log")
+    ax.set_xlabel("cumulative bytes exchanged in training, up + down (log scale)")
+    ax.set_ylabel(f"mean held-out {metric} over all clients")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.ticklabel_format(axis="y", useOffset=False)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m fedprge.compare",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument("--config", action="append", default=[], help="YAML file(s) for the shared base")
+    p.add_argument("--model", help="tiny, smollm2 or a local HF folder")
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help=f"any of {list(METHODS)} or 'all'")
+    p.add_argument("--out", default=None, help="results folder (default runs/compare-TIMESTAMP)")
+    p.add_argument("--calculator", metavar="CONFIG_JSON", help="predict bytes for a model config (no run)")
+    p.add_argument("--clients", type=int, help="clients (runs: federation.clients; calculator: fleet size)")
+    p.add_argument("--rounds", type=int, help="rounds")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides for every method")
+    a = p.parse_intermixed_args(argv)
+    if a.calculator:
+        from fedprge.calculator import main as calc
+
+        return calc(a.calculator, a.clients, a.rounds, a.overrides)
+    methods = list(METHODS) if a.methods == ["all"] else a.methods
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        p.error(f"unknown methods {bad}; choose from {list(METHODS)} or 'all'")
+    base = list(a.overrides)
+    base += [f"model.name={a.model}"] if a.model else []
+    base += [f"federation.clients={a.clients}"] if a.clients else []
+    base += [f"federation.rounds={a.rounds}"] if a.rounds else []
+    try:
+        cfg: RunConfig = load_config(a.config, [*BASE, *base])
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+    out = Path(a.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, m in enumerate(methods, 1):
+        print(f"[{i}/{len(methods)}] {m}", flush=True)
+        rows.append(run_method(m, base, a.config, out))
+    metric = "acc" if cfg.data.task == "tweets" else "loss"
+    higher = metric == "acc"
+    # target: the level every method reached (the smallest improvement over the untuned model)
+    finals = [r.metric for r in rows]
+    target = min(finals) if higher else max(finals)
+    for r in rows:
+        r.bytes_to_target = bytes_to(r.curve, target, higher)
+    fed = cfg.federation
+    title = (
+        f"{cfg.model.name} on {cfg.data.task}: {fed.clients} clients, {fed.fraction:g} per round, {fed.rounds} rounds,"
+        f" {fed.local_steps} local steps; target {metric} {target:.4f}"
+    )
+    write_outputs(rows, out, metric, higher, title)
+    print(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
