@@ -76,19 +76,30 @@ def test_attaches_to_an_existing_ray_cluster(tmp_path):
     import socket
     import subprocess
     import sys
+    import time
     from pathlib import Path
 
     ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    head = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2"]
+    head = [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2"]
     head += ["--include-dashboard=false", "--disable-usage-stats"]
-    subprocess.run(head, check=True, capture_output=True, timeout=120)
+    # --block keeps this head in the foreground, so stopping it stops only this cluster (not `ray stop`,
+    # which would kill every Ray process on the machine)
+    proc = subprocess.Popen(head, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        deadline = time.monotonic() + 120
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, "the Ray head did not start"
+            time.sleep(0.5)
         summary, rounds = run(tmp_path, "cluster", f"sim.ray_address=127.0.0.1:{port}")
     finally:
-        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
+        proc.terminate()
+        proc.wait(timeout=120)
     assert [int(r["ok"]) for r in rounds] == [2, 2, 2]
     assert summary["clients_evaluated"] == 4
 
