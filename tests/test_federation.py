@@ -85,8 +85,7 @@ def test_attaches_to_an_existing_ray_cluster(tmp_path):
         port = s.getsockname()[1]
     head = [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2"]
     head += ["--include-dashboard=false", "--disable-usage-stats"]
-    # --block keeps this head in the foreground, so stopping it stops only this cluster (not `ray stop`,
-    # which would kill every Ray process on the machine)
+    # --block keeps this head in the foreground, so it is stopped with the test even if the test fails
     proc = subprocess.Popen(head, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
@@ -100,6 +99,9 @@ def test_attaches_to_an_existing_ray_cluster(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=120)
+        # a terminated head can leave its raylet behind, and later ray.init() calls would attach to it; this
+        # stops every Ray process on the machine (fine in CI, where nothing else runs Ray)
+        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
     assert [int(r["ok"]) for r in rounds] == [2, 2, 2]
     assert summary["clients_evaluated"] == 4
 
