@@ -65,11 +65,15 @@ class Task:
         idx = sample_indices(len(train), self.cfg.federation.batch_size, rng.derive_seed(self.cfg.seed, *key))
         return encode(self.tokenizer, [train[i] for i in idx], self.cfg.data.max_len)
 
+    def train_batch(self, partition: int, rnd: int, step: int) -> dict[str, torch.Tensor]:
+        """The minibatch of local step ``step`` in round ``rnd``: the same for every training method."""
+        return self.batch(partition, _BATCH_DOMAIN, rnd, partition, step)
+
     def train(self, b: torch.Tensor, partition: int, rnd: int) -> TrainResult:
         """``local_steps`` P-RGE steps from ``b`` on this client's data; seeds from :func:`step_seeds`."""
         steps, losses, grads = self.cfg.federation.local_steps, [], []
         for step in range(steps):
-            batch = self.batch(partition, _BATCH_DOMAIN, rnd, partition, step)
+            batch = self.train_batch(partition, rnd, step)
             b, rec, loss = self.step(b, step_seeds(self.spec, rnd, partition, step), batch)
             grads.append(rec.projected_grads)
             losses.append(loss)

@@ -30,7 +30,6 @@ from fedprge.task import Task, load_task
 
 log = logging.getLogger("fedprge.fedavg")
 ALGORITHMS = ("fedavg_lora_fa", "fedavg_lora", "fedavg_full")
-_BATCH_DOMAIN = 5  # the same minibatches as the P-RGE clients draw (fedprge.task)
 
 
 def live_tensors(task: Task, algorithm: str) -> dict[str, torch.Tensor]:
@@ -67,7 +66,7 @@ def local_train(task: Task, algorithm: str, state: dict[str, torch.Tensor], part
     losses = []
     try:
         for step in range(fed.local_steps):
-            batch = task.batch(partition, _BATCH_DOMAIN, rnd, partition, step)
+            batch = task.train_batch(partition, rnd, step)  # the P-RGE clients' minibatches
             loss = task.backend.losses(b.unsqueeze(0), batch)[0]
             opt.zero_grad(set_to_none=True)
             loss.backward()
