@@ -46,6 +46,7 @@ def main() -> None:
     args = p.parse_args()
 
     from fedprge.config import load_config
+    from fedprge.procmem import PeakMemory
     from fedprge.results import RunWriter
     from fedprge.simulate import simulate
 
@@ -66,7 +67,8 @@ def main() -> None:
         compute = compute_per_client_round(cfg, list(range(5)))
         writer = RunWriter(cfg, out=Path(args.out) / f"simulation-{n}", progress=False)
         t = time.perf_counter()
-        summary = simulate(cfg, writer)
+        with PeakMemory() as mem:
+            summary = simulate(cfg, writer)
         total = time.perf_counter() - t
         rounds = [float(r["seconds"]) for r in writer.rounds]
         per_round = statistics.median(rounds)
@@ -84,6 +86,8 @@ def main() -> None:
                 "wall_per_client_step_s": per_round / (k * steps),
                 "compute_per_client_step_s": compute / steps,
                 "uplink_bytes_per_client_round": summary["uplink_bytes_per_client_round"],
+                "peak_rss_all_mib": mem.total_peak / 2**20,
+                "peak_rss_worker_mib": mem.worker_peak / 2**20,
             }
         )
         print(json.dumps(rows[-1]), flush=True)
@@ -93,7 +97,7 @@ def main() -> None:
 
     t = Table(title=f"simulation cost by fleet size (tiny model, {args.per_round} clients per round)")
     cols = ["clients", "start+register+eval s", "round s", "compute/round s", "overhead/round s"]
-    cols += ["wall per client-step ms", "x vs smallest fleet"]
+    cols += ["wall per client-step ms", "x vs smallest fleet", "peak RSS MiB: all / one worker"]
     for c in cols:
         t.add_column(c, justify="right")
     base = rows[0]["wall_per_client_step_s"]
@@ -106,8 +110,9 @@ def main() -> None:
             f"{r['overhead_per_round_s']:.2f}",
             f"{1000 * r['wall_per_client_step_s']:.0f}",
             f"{r['wall_per_client_step_s'] / base:.2f}",
+            f"{r['peak_rss_all_mib']:.0f} / {r['peak_rss_worker_mib']:.0f}",
         )
-    Console().print(t)
+    Console(width=160).print(t)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "simulation.json").write_text(json.dumps(rows, indent=2))

@@ -140,12 +140,15 @@ def seeds_per_round(cfg: RunConfig) -> int:
 
 
 def mean_missed_rounds(cfg: RunConfig) -> float:
-    """Average number of rounds a sampled client must catch up on (seed downlink), replaying the schedule."""
-    f, last, missed = cfg.federation, {}, []
+    """Average number of global updates a sampled client must catch up on (seed downlink), replaying the schedule.
+
+    A client that trains in round r is synced up to round r - 1 (round r's aggregate is new to it). Syncs by
+    evaluation messages are not counted: this is training's own traffic (what ``eval.sync=false`` measures)."""
+    f, synced, missed = cfg.federation, {}, []
     for rnd in range(1, f.rounds + 1):
         for c in sample_round(cfg, f.clients, rnd):
-            missed.append(rnd - 1 - last.get(c, 0))
-            last[c] = rnd
+            missed.append(rnd - 1 - synced.get(c, 0))
+            synced[c] = rnd - 1
     return float(np.mean(missed))
 
 

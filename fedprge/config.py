@@ -12,6 +12,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fedprge.engine.adapters import LoRAConfig
 from fedprge.engine.estimator import ZOConfig
+from fedprge.engine.shared_base import PRECISIONS
 
 DOWNLINKS = ("weights", "seeds", "pool")
 ALGORITHMS = ("prge", "fedavg_lora_fa", "fedavg_lora", "fedavg_full")
@@ -27,6 +28,9 @@ POISON_KINDS = ("nan", "inf", "huge", "wrong_count", "scaled", "count")
 class ModelSection:
     name: str = "smollm2"  # "tiny", "smollm2" or a local Hugging Face model folder
     dtype: str = "float32"
+    # float32 | shared-bf16: a P-RGE forward's frozen matmuls in bf16 as replica 0 + differences (~2.5x faster
+    # on CPUs with bf16 units, projected gradients a few % off fp32; README "Performance")
+    precision: str = "float32"
 
 
 @dataclass
@@ -106,6 +110,9 @@ class EvalSection:
     personalization: list[str] = field(default_factory=lambda: ["global", "finetune", "local", "personal"])
     personal_steps: int = 2  # P-RGE steps of "finetune" (from the global B) and "local" (from zero B)
     max_clients: int = 0  # evaluate on at most this many clients (0: all)
+    # true: an evaluation message is also a sync (seed-form catch-up, kept by the client). false: it carries the
+    # dense global B for evaluation only, so training traffic is what training alone needs (compare sets this)
+    sync: bool = True
 
 
 @dataclass
@@ -163,6 +170,18 @@ def validate(cfg: RunConfig) -> RunConfig:
         cfg.model.dtype,
         "choose float32, bfloat16 or float64",
     )
+    _check(
+        cfg.model.precision in PRECISIONS,
+        "model.precision",
+        cfg.model.precision,
+        f"choose one of {PRECISIONS}",
+    )
+    _check(
+        cfg.model.precision == "float32" or cfg.model.dtype == "float32",
+        "model.precision",
+        cfg.model.precision,
+        "shared-bf16 needs model.dtype=float32",
+    )
     _check(fed.clients >= 1, "federation.clients", fed.clients, "it must be >= 1")
     _check(fed.rounds >= 1, "federation.rounds", fed.rounds, "it must be >= 1")
     _check(0 < fed.fraction <= 1, "federation.fraction", fed.fraction, "it must be in (0, 1]")
@@ -205,6 +224,8 @@ def _validate_client(cfg: RunConfig) -> None:
     if cl.backend == "executorch":
         _check(bool(cl.pte), "client.pte", cl.pte, "client.backend=executorch needs a .pte (python -m fedprge.export)")
         _check(cfg.model.dtype == "float32", "model.dtype", cfg.model.dtype, "an exported .pte runs in float32")
+        prec = cfg.model.precision
+        _check(prec == "float32", "model.precision", prec, "an exported .pte runs in float32")
     else:
         _check(cl.pte is None, "client.pte", cl.pte, "a program is only used with client.backend=executorch")
 

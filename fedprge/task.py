@@ -141,7 +141,7 @@ def make_backend(cfg: RunConfig) -> tuple[Backend, object]:
     from fedprge.models import load_model
 
     model, tokenizer = load_model(cfg.model.name, dtype=getattr(torch, cfg.model.dtype), seed=cfg.seed)
-    return EagerBackend(model, LoRAFA(model, cfg.lora_config())), tokenizer
+    return EagerBackend(model, LoRAFA(model, cfg.lora_config()), precision=cfg.model.precision), tokenizer
 
 
 def client_overrides(node_config: dict) -> tuple[str | None, str | None]:

@@ -8,6 +8,7 @@ since the program draws the directions itself.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedprge.engine.adapters import LoRAFA
+from fedprge.engine.shared_base import PRECISIONS, SharedBase
 
 Batch = dict[str, torch.Tensor]  # input_ids, attention_mask, labels: (bs, T) int64
 
@@ -36,14 +38,19 @@ class EagerBackend:
 
     The batch is repeated ``dup`` times (outer loop: q directions; inner loop: +eps/-eps) and replica k sees
     B_k. The LM head and the loss are computed only at positions that carry a label, in chunks, so the
-    vocabulary-sized logits never exist for the whole enlarged batch at once.
+    vocabulary-sized logits never exist for the whole enlarged batch at once. ``precision='shared-bf16'`` runs
+    the frozen matmuls of a multi-replica forward in bf16 around a shared base (:mod:`~fedprge.engine.shared_base`).
     """
 
-    def __init__(self, model: nn.Module, lora: LoRAFA, chunk_rows: int = 128) -> None:
+    def __init__(self, model: nn.Module, lora: LoRAFA, chunk_rows: int = 128, precision: str = "float32") -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r} is invalid; choose one of {PRECISIONS}")
         self.model = model
         self.lora = lora
         self.num_params = lora.num_params
         self.chunk_rows = chunk_rows
+        self.precision = precision
+        self.shared = SharedBase(model) if precision == "shared-bf16" else None
         self.trunk = model.base_model  # the decoder without the LM head (e.g. LlamaModel)
         self.head = model.get_output_embeddings()
 
@@ -53,30 +60,31 @@ class EagerBackend:
         dup, (bs, _) = b.shape[0], batch["input_ids"].shape
         ids = batch["input_ids"].repeat(dup, 1)
         mask = batch["attention_mask"].repeat(dup, 1)
-        with self.lora.use(b):
-            hidden = self.trunk(input_ids=ids, attention_mask=mask).last_hidden_state
-        targets = batch["labels"][:, 1:].repeat(dup, 1)
-        sel = targets != -100
-        rows = hidden[:, :-1][sel]
+        targets = batch["labels"][:, 1:]
+        sel = targets != -100  # the same positions in every replica
         tgt = targets[sel]
-        owner = torch.arange(dup * bs).unsqueeze(1).expand_as(targets)[sel]
-        nll = (
-            torch.cat(
+        owner = torch.arange(bs).unsqueeze(1).expand_as(targets)[sel]
+        with self.lora.use(b), self._replicas(dup):
+            hidden = self.trunk(input_ids=ids, attention_mask=mask).last_hidden_state
+            rows = hidden[:, :-1][sel.repeat(dup, 1)].reshape(dup, -1, hidden.shape[-1])  # replica-major
+            step = max(1, self.chunk_rows // dup)  # label positions per chunk, for all replicas at once
+            nll = torch.cat(
                 [
                     F.cross_entropy(
-                        self.head(rows[i : i + self.chunk_rows]).float(),
-                        tgt[i : i + self.chunk_rows],
+                        self.head(rows[:, i : i + step]).float().flatten(0, 1),
+                        tgt[i : i + step].repeat(dup),
                         reduction="none",
-                    )
-                    for i in range(0, rows.shape[0], self.chunk_rows)
+                    ).reshape(dup, -1)
+                    for i in range(0, rows.shape[1], step)
                 ]
+                or [rows.new_zeros(dup, 0, dtype=torch.float32)],
+                dim=1,
             )
-            if rows.shape[0]
-            else rows.new_zeros(0, dtype=torch.float32)
-        )
-        sums = torch.zeros(dup * bs, dtype=torch.float32).index_add_(0, owner, nll)
-        counts = (batch["labels"][:, 1:] != -100).sum(1)
-        return sums.reshape(dup, bs), counts
+        sums = torch.zeros(dup, bs, dtype=torch.float32).index_add_(1, owner, nll)
+        return sums, sel.sum(1)
+
+    def _replicas(self, dup: int) -> AbstractContextManager:
+        return self.shared.replicas(dup) if self.shared is not None else nullcontext()
 
     def losses(self, b: torch.Tensor, batch: Batch) -> torch.Tensor:
         sums, counts = self._nll(b, batch)

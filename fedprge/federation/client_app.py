@@ -35,8 +35,8 @@ def task_of(context: Context) -> Task:
     return load_task(str(context.state["setup"]["config"]), *client_overrides(context.node_config))
 
 
-def sync_global(task: Task, context: Context, msg: Message) -> torch.Tensor:
-    """Turn the downlinked state into the global B, and remember it for the next seed-form update."""
+def sync_global(task: Task, context: Context, msg: Message, keep: bool = True) -> torch.Tensor:
+    """Turn the downlinked state into the global B, and (``keep``) remember it for the next seed-form update."""
     kind = str(msg.content["round"]["downlink"])
     state = GlobalState.from_record(kind, msg.content["state"])
     zo = task.zo
@@ -61,8 +61,9 @@ def sync_global(task: Task, context: Context, msg: Message) -> torch.Tensor:
                 raise ValueError(f"seed update for round {upd.rnd} arrived but this node is at round {synced}")
             b = apply_coefficients(b, upd.seeds, upd.coefs, zo.lr / zo.q, zo.distribution)
             synced = upd.rnd
-    context.state["global"] = ArrayRecord(array_dict={"b": Array(b.numpy())})
-    context.state["sync"] = ConfigRecord({"round": synced})
+    if keep:
+        context.state["global"] = ArrayRecord(array_dict={"b": Array(b.numpy())})
+        context.state["sync"] = ConfigRecord({"round": synced})
     return b
 
 
@@ -115,7 +116,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Metrics of the requested methods on this client's held-out data."""
     task, part = task_of(context), partition_of(context)
-    b = sync_global(task, context, msg)
+    b = sync_global(task, context, msg, keep=bool(msg.content["eval"].get("sync", True)))
     methods = list(msg.content["eval"]["methods"])
     steps = task.cfg.eval.personal_steps
     metrics: dict[str, float] = {"partition": part, "num_examples": len(task.client(part).test)}

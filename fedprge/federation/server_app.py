@@ -147,7 +147,7 @@ def evaluate(
     traffic.add("evaluate", "down", msgs)
     replies = list(grid.send_and_receive(msgs, timeout=strategy.cfg.federation.setup_timeout_s))
     traffic.add("evaluate", "up", replies)
-    return strategy.evaluation_rows(rnd, replies)
+    return strategy.evaluation_rows(rnd, replies, sent=msgs)
 
 
 def run_federation(grid: Grid, cfg: RunConfig, writer: RunWriter | None = None, resume: bool = False) -> dict:

@@ -5,7 +5,7 @@ weights the client's projected gradients by its example count, merges them by se
 with the same function the clients use (:func:`fedprge.federation.protocol.apply_coefficients`).
 
 Rules for faulty and hostile clients (each rejection and clip is logged with the client's partition id and
-counted in the round's row; a rejected reply never reaches the global B):
+counted in the round's row; a rejected reply never reaches the global B; the numeric rules are in ``defences.py``):
 
 * Registration (``server_app.register``): a node must report a partition in ``[0, clients)`` not already taken,
   ``num_examples >= 1`` and the adapter size of the majority. A client's aggregation weight is its registered
@@ -37,7 +37,6 @@ anything but ``NODE_UNAVAILABLE`` (an offline node keeps its state), the node co
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -50,13 +49,21 @@ from flwr.serverapp.strategy import Strategy
 
 from fedprge.config import RunConfig
 from fedprge.engine.estimator import StepRecord, replay
+from fedprge.federation.defences import (
+    bound_norms,
+    check_reply,
+    clip_to_median,
+    coordinate_rule,
+    extreme_norms,
+    lower_median,
+    norms,
+)
 from fedprge.federation.protocol import (
     GlobalState,
     RoundUpdate,
     SeedSpec,
     apply_coefficients,
     content_bytes,
-    decode_grads,
     step_seeds,
 )
 from fedprge.federation.sampling import sample_round
@@ -84,12 +91,6 @@ class RoundStats:
     skipped: bool = False
     train_loss: float = float("nan")
     reconstruction_error: float = float("nan")
-
-
-def lower_median(values: Iterable[float]) -> float:
-    """The lower median (an actual element; with two values the smaller, so one outlier cannot set it)."""
-    v = sorted(values)
-    return v[(len(v) - 1) // 2]
 
 
 class PRGEStrategy(Strategy):
@@ -208,10 +209,11 @@ class PRGEStrategy(Strategy):
         methods: Iterable[str] = ("global",),
         clients: list[Client] | None = None,
     ) -> Iterable[Message]:
-        out = []
+        sync, out = self.cfg.eval.sync, []
         for c in clients if clients is not None else self.clients:
-            msg = self._message(grid, c, server_round + 1, "evaluate", self.state_for(c.partition, server_round + 1))
-            msg.content["eval"] = ConfigRecord({"methods": list(methods)})
+            state = self.state_for(c.partition, server_round + 1, None if sync else "weights")
+            msg = self._message(grid, c, server_round + 1, "evaluate", state)
+            msg.content["eval"] = ConfigRecord({"methods": list(methods), "sync": sync})
             out.append(msg)
         return out
 
@@ -227,16 +229,23 @@ class PRGEStrategy(Strategy):
         )
         return Message(content, dst_node_id=c.node_id, message_type=kind, group_id=str(rnd))
 
-    def evaluation_rows(self, server_round: int, replies: Iterable[Message]) -> list[dict[str, float]]:
+    def evaluation_rows(
+        self, server_round: int, replies: Iterable[Message], sent: list[Message] | None = None
+    ) -> list[dict[str, float]]:
+        """Per-client metric rows of evaluation replies. ``sent`` (the evaluate messages) names the node of an
+        error reply: one made by the SuperLink for an unreachable node carries the SuperLink's id as source."""
+        addressed = {m.metadata.message_id: m.metadata.dst_node_id for m in sent or []}
         rows = []
         for r in replies:
-            c = self.by_node.get(r.metadata.src_node_id)
-            if r.has_error() or c is None:
-                log.warning(
-                    "evaluation failed on node %s: %s",
-                    r.metadata.src_node_id,
-                    r.error.reason if r.has_error() else "unknown node",
-                )
+            node = addressed.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
+            c = self.by_node.get(node)
+            why = r.error.reason if r.has_error() else None
+            if why is None and c is None:
+                why = "unknown node"
+            elif why is None and node != r.metadata.src_node_id:
+                why = f"the reply comes from node {r.metadata.src_node_id} (forged)"
+            if why is not None:
+                log.warning("evaluation failed on node %s: %s", node, why)
                 continue
             try:
                 row = {str(k): float(v) for k, v in r.content["metrics"].items()}
@@ -248,7 +257,8 @@ class PRGEStrategy(Strategy):
                     "evaluation of client %d rejected: it reports partition %s", c.partition, row.get("partition")
                 )
                 continue
-            self.synced[c.partition] = server_round
+            if self.cfg.eval.sync:
+                self.synced[c.partition] = server_round
             rows.append(row)
         return sorted(rows, key=lambda row: row["partition"])
 
@@ -267,28 +277,6 @@ class PRGEStrategy(Strategy):
             if sent[md.reply_to_message_id] != md.src_node_id:
                 return f"it answers a message addressed to node {sent[md.reply_to_message_id]} (forged)"
         return None
-
-    def _check_reply(self, r: Message) -> tuple[np.ndarray, float]:
-        """The projected gradients and train loss of a reply; ValueError naming the broken rule."""
-        fed = self.cfg.federation
-        if "update" not in r.content or "metrics" not in r.content:
-            raise ValueError(f"the reply lacks the 'update' or 'metrics' record (has {sorted(r.content.keys())})")
-        g = decode_grads(r.content["update"], fed.local_steps, self.zo.q)
-        try:
-            loss = float(r.content["metrics"]["train_loss"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError("the reply has no numeric 'train_loss' metric") from None
-        bad = int((~np.isfinite(g)).sum())
-        if bad:
-            raise ValueError(f"{bad} of {g.size} projected gradients are not finite (NaN/inf)")
-        if not math.isfinite(loss):
-            raise ValueError(f"train_loss={loss} is not finite")
-        peak = float(np.abs(g).max()) if g.size else 0.0
-        if fed.max_abs_grad and peak > fed.max_abs_grad:
-            raise ValueError(
-                f"a projected gradient of magnitude {peak:.3g} exceeds federation.max_abs_grad={fed.max_abs_grad:g}"
-            )
-        return g, loss
 
     def aggregate(self, rnd: int, replies: list[Message], sent: list[Message] | None = None) -> RoundStats:
         """Check, reconstruct, weight and apply the clients' updates of round ``rnd``.
@@ -321,7 +309,7 @@ class PRGEStrategy(Strategy):
                     self.synced[c.partition] = 0
                 continue
             try:
-                g, loss = self._check_reply(r)
+                g, loss = check_reply(r.content, fed.local_steps, self.zo.q, fed.max_abs_grad)
             except ValueError as e:
                 self._reject(stats, who, str(e))
                 continue
@@ -377,28 +365,17 @@ class PRGEStrategy(Strategy):
     def _bound_norms(self, stats: RoundStats, clients: list[Client], grads: list[np.ndarray]) -> list[np.ndarray]:
         """Scale down every client whose norm exceeds ``norm_bound`` x the round's lower median norm."""
         bound = self.cfg.federation.norm_bound
-        if not bound or len(grads) < 2:
-            return grads
-        norms = [float(np.linalg.norm(g.astype(np.float64))) for g in grads]
-        ref = lower_median(norms)
-        limit = bound * ref
-        if ref <= 0:
-            return grads
-        out = []
-        for c, g, n in zip(clients, grads, norms, strict=True):
-            if n > limit:
-                stats.clipped.append(c.partition)
-                log.warning(
-                    "round %d: clipped client %d: projected-gradient norm %.4g > federation.norm_bound=%g x "
-                    "median norm %.4g",
-                    stats.rnd,
-                    c.partition,
-                    n,
-                    bound,
-                    ref,
-                )
-                g = (g * np.float32(limit / n)).astype(np.float32)
-            out.append(g)
+        out, clipped, ref = bound_norms(grads, bound)
+        for i in clipped:
+            stats.clipped.append(clients[i].partition)
+            log.warning(
+                "round %d: clipped client %d: projected-gradient norm %.4g > federation.norm_bound=%g x median %.4g",
+                stats.rnd,
+                clients[i].partition,
+                norms([grads[i]])[0],
+                bound,
+                ref,
+            )
         return out
 
     def _combine(self, stats: RoundStats, clients: list[Client], grads: list[np.ndarray]) -> dict[int, np.float32]:
@@ -408,30 +385,19 @@ class PRGEStrategy(Strategy):
         k = int(fed.trim_fraction * n) if fed.aggregation == "trimmed_mean" else 0
         merged: dict[int, np.float32] = {}
         if fed.aggregation != "mean" and self.spec.scope == "round":  # aligned: one value per seed
-            stack = np.stack(grads)
-            if fed.aggregation == "median":
-                coord = np.median(stack, axis=0)
-            else:
-                coord = np.sort(stack, axis=0)[k : n - k].mean(axis=0)
-            coord = coord.astype(np.float32)
+            coord = coordinate_rule(grads, fed.aggregation, k)
             for step in range(fed.local_steps):
                 for seed, v in zip(step_seeds(self.spec, rnd, clients[0].partition, step), coord[step], strict=True):
                     merged[seed] = merged.get(seed, np.float32(0)) + v
             return merged
         if fed.aggregation == "trimmed_mean" and k:  # per-client directions: trim by norm
-            norms = [float(np.linalg.norm(g.astype(np.float64))) for g in grads]
-            order = sorted(range(n), key=lambda i: (norms[i], clients[i].partition))
-            keep = sorted(order[k : n - k])
-            stats.trimmed = sorted(clients[i].partition for i in order[:k] + order[n - k :])
+            cut = extreme_norms(grads, k, [c.partition for c in clients])
+            stats.trimmed = sorted(clients[i].partition for i in cut)
             log.info("round %d: trimmed_mean left out clients %s (extreme norms)", rnd, stats.trimmed)
+            keep = [i for i in range(n) if i not in cut]
             clients, grads = [clients[i] for i in keep], [grads[i] for i in keep]
-        elif fed.aggregation == "median" and n >= 2:  # per-client directions: every client at most the median norm
-            norms = [float(np.linalg.norm(g.astype(np.float64))) for g in grads]
-            ref = lower_median(norms)
-            grads = [
-                g if nrm <= ref else (g * np.float32(ref / nrm)).astype(np.float32)
-                for g, nrm in zip(grads, norms, strict=True)
-            ]
+        elif fed.aggregation == "median":  # per-client directions: every client at most the median norm
+            grads = clip_to_median(grads)
         total = sum(self.weight[c.partition] for c in clients)
         for c, g in zip(clients, grads, strict=True):
             w = np.float32(self.weight[c.partition] / total)

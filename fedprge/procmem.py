@@ -1,0 +1,57 @@
+"""Peak memory of a run's processes: this one, and the Ray worker processes it started (simulated clients)."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from pathlib import Path
+
+
+def _peak_rss_bytes(pid: int) -> int:
+    """VmHWM (the kernel's peak resident set) of a process, 0 if it is gone or unreadable."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakMemory:
+    """Samples, in a background thread, the summed RSS of this process tree and each Ray worker's peak RSS.
+
+    ``worker_peak``: the largest peak RSS of any descendant whose title starts with ``ray::`` (a Ray worker: on
+    a simulation, the client process with its model), 0 when there was none (e.g. an external Ray cluster).
+    ``total_peak``: the largest sum of RSS over this process and all its descendants seen by a sample.
+    """
+
+    def __init__(self, every_s: float = 0.5) -> None:
+        self.every_s = every_s
+        self.worker_peak = 0
+        self.total_peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="peak-memory", daemon=True)
+
+    def sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        total = 0
+        for p in [me, *me.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):  # a process that just exited
+                total += p.memory_info().rss
+                if p.pid != me.pid and " ".join(p.cmdline()).startswith("ray::"):
+                    self.worker_peak = max(self.worker_peak, _peak_rss_bytes(p.pid))
+        self.total_peak = max(self.total_peak, total)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
