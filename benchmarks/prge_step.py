@@ -35,6 +35,7 @@ from pathlib import Path
 
 METHODS = ("inference", "inference_2q", "prge", "prge_bf16", "sequential", "naive", "backprop")
 PER_Q = ("inference_2q", "prge", "prge_bf16", "sequential", "naive")  # methods whose work grows with q
+ZO_STEPS = ("prge", "prge_bf16", "sequential", "naive")  # methods that return projected gradients
 
 
 def _rss_kib(field: str) -> int:
@@ -106,7 +107,7 @@ def child(args: argparse.Namespace) -> dict:
         with FlopCounterMode(display=False) as counter:
             if args.steps:
                 run()
-    grads = list(out[1].projected_grads) if args.method in PER_Q[1:] else None
+    grads = list(out[1].projected_grads) if args.method in ZO_STEPS else None
     half = None  # the estimator's own sensitivity to eps: the yardstick for "within tolerance"
     if args.method == "prge":
         with torch.no_grad():

@@ -53,20 +53,19 @@ def scale_to(g: np.ndarray, norm: float, limit: float) -> np.ndarray:
     return g if norm <= limit else (g * np.float32(limit / norm)).astype(np.float32)
 
 
-def bound_norms(grads: list[np.ndarray], bound: float) -> tuple[list[np.ndarray], list[int], float]:
-    """Scale every client above ``bound`` x the lower median norm down to it: (grads, indices clipped, median)."""
+def bound_norms(grads: list[np.ndarray], bound: float) -> tuple[list[np.ndarray], dict[int, float], float]:
+    """Scale every client above ``bound`` x the lower median norm down to it.
+
+    Returns the grads, ``{index: norm before clipping}`` of the clipped clients, and the median norm."""
     if not bound or len(grads) < 2:
-        return grads, [], math.nan
+        return grads, {}, math.nan
     ns = norms(grads)
     ref = lower_median(ns)
     if ref <= 0:
-        return grads, [], ref
+        return grads, {}, ref
     limit = bound * ref
-    return (
-        [scale_to(g, n, limit) for g, n in zip(grads, ns, strict=True)],
-        [i for i, n in enumerate(ns) if n > limit],
-        ref,
-    )
+    clipped = {i: n for i, n in enumerate(ns) if n > limit}
+    return [scale_to(g, n, limit) for g, n in zip(grads, ns, strict=True)], clipped, ref
 
 
 def extreme_norms(grads: list[np.ndarray], k: int, ties: list[int]) -> list[int]:

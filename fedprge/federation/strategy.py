@@ -56,7 +56,6 @@ from fedprge.federation.defences import (
     coordinate_rule,
     extreme_norms,
     lower_median,
-    norms,
 )
 from fedprge.federation.protocol import (
     GlobalState,
@@ -366,13 +365,13 @@ class PRGEStrategy(Strategy):
         """Scale down every client whose norm exceeds ``norm_bound`` x the round's lower median norm."""
         bound = self.cfg.federation.norm_bound
         out, clipped, ref = bound_norms(grads, bound)
-        for i in clipped:
+        for i, norm in clipped.items():
             stats.clipped.append(clients[i].partition)
             log.warning(
                 "round %d: clipped client %d: projected-gradient norm %.4g > federation.norm_bound=%g x median %.4g",
                 stats.rnd,
                 clients[i].partition,
-                norms([grads[i]])[0],
+                norm,
                 bound,
                 ref,
             )
