@@ -17,7 +17,7 @@ from fedprge.engine.shared_base import PRECISIONS
 DOWNLINKS = ("weights", "seeds", "pool")
 ALGORITHMS = ("prge", "fedavg_lora_fa", "fedavg_lora", "fedavg_full")
 SEED_SCOPES = ("client", "round")
-PERSONALIZATION = ("global", "local", "finetune", "personal")
+PERSONALIZATION = ("global", "local", "finetune", "personal", "ditto", "mix")
 CLIENT_BACKENDS = ("eager", "executorch")
 AGGREGATIONS = ("mean", "trimmed_mean", "median")
 CATCHUPS = ("auto", "seeds")
@@ -51,6 +51,10 @@ class DataSection:
     test_fraction: float = 0.2
     max_train_per_client: int = 64
     max_test_per_client: int = 8
+    # the tail of each client's training examples held out to choose personalization hyper-parameters (never
+    # trained on, never the test split); carved before max_train_per_client applies
+    val_fraction: float = 0.2
+    max_val_per_client: int = 8
 
 
 @dataclass
@@ -58,6 +62,7 @@ class ZOSection:
     q: int = 4
     eps: float = 1e-2
     lr: float = 3e-2  # the largest that did not diverge on SmolLM2 + Shakespeare (1e-1 did); see README
+    clip: float = 2.0  # step rule: a step's projected gradients are scaled to RMS <= clip (0: off); estimator.py
     distribution: str = "gaussian"
 
 
@@ -79,7 +84,7 @@ class FederationSection:
     timeout_s: float = 600.0  # per round; replies after it are dropped
     verify: bool = False  # clients also return their B so the server checks its reconstruction (debug only)
     # reliability and defences (fedprge/federation/strategy.py documents each rule)
-    setup_timeout_s: float = 600.0  # deadline of registration and of each evaluation (model loading included)
+    setup_timeout_s: float = 600.0  # deadline of registration (model loading included)
     catchup: str = "auto"  # seeds downlink: auto (per client, the cheaper of its missed seed lists and B) | seeds
     catchup_max_seeds: int = 0  # auto: also send B when a client would replay more seeds than this (0: no limit)
     aggregation: str = "mean"  # mean | trimmed_mean | median (see strategy.py for seed_scope=client)
@@ -101,6 +106,10 @@ class FaultsSection:
     poison_fraction: float = 0.0  # share of clients (a fixed set, rounded up) that send poisoned updates
     poison_kind: str = "scaled"  # nan | inf | huge | wrong_count | scaled | count (see federation/faults.py)
     poison_scale: float = -100.0  # "scaled": factor applied to the projected gradients
+    eval_straggler_rate: float = 0.0  # share of clients (a fixed set) whose evaluation replies come eval_delay_s late
+    eval_delay_s: float = 0.0  # how long such a client sleeps before every evaluation reply
+    eval_drop_rate: float = 0.0  # share of clients (a fixed set) whose first evaluation attempts fail (error reply)
+    eval_drop_attempts: int = 1  # how many attempts of every evaluation fail for such a client
 
 
 @dataclass
@@ -108,11 +117,18 @@ class EvalSection:
     every: int = 1  # evaluate the global B every N rounds on the curve clients (0: only before and after training)
     curve_clients: int = 10  # the first N clients (by partition) give the metric-vs-round curve (0: all)
     personalization: list[str] = field(default_factory=lambda: ["global", "finetune", "local", "personal"])
-    personal_steps: int = 2  # P-RGE steps of "finetune" (from the global B) and "local" (from zero B)
+    # local P-RGE step budget of "finetune" (from the global B), "local" (from zero B) and a newcomer's "ditto"; the
+    # step count actually used is chosen on the client's validation split among 0, 1, 2, 4, ... and the budget
+    personal_steps: int = 2
+    ditto_lambda: float = 1.0  # "ditto"/"mix": proximal pull of the personal B toward the global B
+    unseen_fraction: float = 0.0  # share of clients (a fixed set drawn by the seed) that never train: newcomers
+    trace: bool = False  # also report finetune/local held-out metrics after 0, 1, 2, 4, ... steps (studies)
     max_clients: int = 0  # evaluate on at most this many clients (0: all)
     # true: an evaluation message is also a sync (seed-form catch-up, kept by the client). false: it carries the
     # dense global B for evaluation only, so training traffic is what training alone needs (compare sets this)
     sync: bool = True
+    timeout_s: float = 600.0  # an evaluation gives up on the clients left when no reply came for this long
+    retries: int = 1  # clients without an accepted reply (none, or an error) are sent their message again this often
 
 
 @dataclass
@@ -121,6 +137,16 @@ class ClientSection:
 
     backend: str = "eager"  # eager: PyTorch model | executorch: an exported .pte and a tokenizer, no model
     pte: str | None = None  # the program of backend=executorch (python -m fedprge.export writes it)
+
+
+@dataclass
+class ExportSection:
+    """What a finished run writes besides its results (python -m fedprge.export adapters RUN_DIR does it later)."""
+
+    adapters: bool = True  # RUN/adapters/global/: the global B as a PEFT LoRA adapter (transformers + peft load it)
+    # a personalization method (one of eval.personalization) whose B every client keeps in RUN/personal/ at the final
+    # evaluation, exported as RUN/adapters/client-<partition>/ (simulation: the clients share the run's disk); "": none
+    personal: str = ""
 
 
 @dataclass
@@ -144,12 +170,13 @@ class RunConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     sim: SimSection = field(default_factory=SimSection)
     client: ClientSection = field(default_factory=ClientSection)
+    export: ExportSection = field(default_factory=ExportSection)
 
     def lora_config(self) -> LoRAConfig:
         return LoRAConfig(self.lora.rank, self.lora.alpha, tuple(self.lora.target_modules), self.lora.a_seed)
 
     def zo_config(self) -> ZOConfig:
-        return ZOConfig(self.zo.q, self.zo.eps, self.zo.lr, self.zo.distribution)
+        return ZOConfig(self.zo.q, self.zo.eps, self.zo.lr, self.zo.distribution, self.zo.clip)
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -209,6 +236,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     bad = [m for m in ev.personalization if m not in PERSONALIZATION]
     _check(not bad, "eval.personalization", bad, f"methods must be among {PERSONALIZATION}")
     _check(ev.personal_steps >= 1, "eval.personal_steps", ev.personal_steps, "it must be >= 1")
+    _check(0 <= ev.ditto_lambda < math.inf, "eval.ditto_lambda", ev.ditto_lambda, "it must be finite and >= 0")
+    _check(0 <= ev.unseen_fraction < 1, "eval.unseen_fraction", ev.unseen_fraction, "it must be in [0, 1)")
+    _check(0 <= data.val_fraction < 1, "data.val_fraction", data.val_fraction, "it must be in [0, 1)")
+    _check(0 < ev.timeout_s < math.inf, "eval.timeout_s", ev.timeout_s, "it must be finite and > 0")
+    _check(ev.retries >= 0, "eval.retries", ev.retries, "it must be >= 0 (0: no retry)")
+    allowed = f"choose one of eval.personalization={list(ev.personalization)} or '' (none)"
+    _check(cfg.export.personal in ("", *ev.personalization), "export.personal", cfg.export.personal, allowed)
     _check(sim.cpus >= 1, "sim.cpus", sim.cpus, "it must be >= 1")
     _check(sim.cpus_per_client >= 1, "sim.cpus_per_client", sim.cpus_per_client, "it must be >= 1")
     _validate_client(cfg)
@@ -240,8 +274,10 @@ def _validate_numbers(cfg: RunConfig) -> None:
     _check(zo.q >= 1, "zo.q", zo.q, "the number of directions must be >= 1")
     _check(0 < zo.eps < math.inf, "zo.eps", zo.eps, "it must be finite and > 0")
     _check(0 < zo.lr < math.inf, "zo.lr", zo.lr, "it must be finite and > 0")
+    _check(0 <= zo.clip < math.inf, "zo.clip", zo.clip, "it must be finite and >= 0 (0: off)")
     _check(0 < data.alpha < math.inf, "data.alpha", data.alpha, "the Dirichlet concentration must be finite, > 0")
     _check(data.chunk_words >= 1, "data.chunk_words", data.chunk_words, "it must be >= 1")
+    _check(data.max_val_per_client >= 0, "data.max_val_per_client", data.max_val_per_client, "it must be >= 0")
     for key in ("max_train_per_client", "max_test_per_client"):
         _check(getattr(data, key) >= 1, f"data.{key}", getattr(data, key), "it must be >= 1")
     _check(cfg.eval.max_clients >= 0, "eval.max_clients", cfg.eval.max_clients, "it must be >= 0 (0: all)")
@@ -265,6 +301,11 @@ def _validate_reliability(cfg: RunConfig) -> None:
     _check(0 <= flt.poison_fraction <= 1, "faults.poison_fraction", flt.poison_fraction, "it must be in [0, 1]")
     _check(flt.poison_kind in POISON_KINDS, "faults.poison_kind", flt.poison_kind, f"choose one of {POISON_KINDS}")
     _check(math.isfinite(flt.poison_scale), "faults.poison_scale", flt.poison_scale, "it must be finite")
+    rate = "it must be in [0, 1]"
+    _check(0 <= flt.eval_straggler_rate <= 1, "faults.eval_straggler_rate", flt.eval_straggler_rate, rate)
+    _check(0 <= flt.eval_delay_s < math.inf, "faults.eval_delay_s", flt.eval_delay_s, "it must be finite and >= 0")
+    _check(0 <= flt.eval_drop_rate <= 1, "faults.eval_drop_rate", flt.eval_drop_rate, rate)
+    _check(flt.eval_drop_attempts >= 0, "faults.eval_drop_attempts", flt.eval_drop_attempts, "it must be >= 0")
 
 
 def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> RunConfig:

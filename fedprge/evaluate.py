@@ -12,10 +12,16 @@ from fedprge.engine.backend import Backend
 
 
 def evaluate(
-    backend: Backend, tokenizer, b: torch.Tensor, examples: Sequence[Example], max_len: int, batch_size: int = 16
+    backend: Backend,
+    tokenizer,
+    b: torch.Tensor,
+    examples: Sequence[Example],
+    max_len: int,
+    batch_size: int = 16,
+    with_acc: bool = True,
 ) -> dict[str, float]:
-    """``loss`` (mean NLL per target token), ``ppl``; for examples with choices also ``acc``: the label word
-    with the highest log-likelihood must be the target (scored by the same forward as training)."""
+    """``loss`` (mean NLL per target token), ``ppl``; for examples with choices (and ``with_acc``) also ``acc``: the
+    label word with the highest log-likelihood must be the target (scored by the same forward as training)."""
     if not examples:
         return {}
     total, count = 0.0, 0
@@ -25,7 +31,7 @@ def evaluate(
         count += int(counts.sum())
     out = {"loss": total / max(count, 1)}
     out["ppl"] = math.exp(min(out["loss"], 50.0))
-    if examples[0].choices:
+    if with_acc and examples[0].choices:
         k = len(examples[0].choices)
         cands = [Example(ex.prompt, c, ex.choices) for ex in examples for c in ex.choices]
         scores = torch.cat(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,11 +15,15 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from fedprge.config import RunConfig, to_yaml
+from fedprge.federation.sampling import unseen_clients
 
 if TYPE_CHECKING:
     from fedprge.federation.server_app import Traffic
+
+log = logging.getLogger("fedprge.results")
 
 
 def client_stats(values: list[float], higher_is_better: bool) -> dict[str, float]:
@@ -43,6 +49,7 @@ class RunWriter:
         self.console = console or Console()
         self.rounds: list[dict[str, Any]] = []
         self.evals: dict[int, list[dict[str, float]]] = {}
+        self.missing: dict[int, list[dict[str, Any]]] = {}  # per evaluated round: {partition, reason} not evaluated
         self.summary: dict[str, Any] = {}
         self.curve_partitions: set[int] | None = None  # the clients the per-round curve averages (None: all)
 
@@ -54,8 +61,10 @@ class RunWriter:
     def _has_acc(self) -> bool:
         return any("global_acc" in r for rows in self.evals.values() for r in rows)
 
-    def evaluation(self, rnd: int, rows: list[dict[str, float]]) -> None:
+    def evaluation(self, rnd: int, rows: list[dict[str, float]], missing: Sequence[dict[str, Any]] = ()) -> None:
+        """Record round ``rnd``'s evaluation: its rows and the clients it meant to but could not evaluate."""
         self.evals[rnd] = rows
+        self.missing[rnd] = list(missing)
 
     def curve_point(self, rnd: int) -> float | None:
         """Mean global metric of round ``rnd`` over the curve clients, if that round was evaluated."""
@@ -80,34 +89,56 @@ class RunWriter:
         _write_csv(self.dir / "rounds.csv", self.rounds)
 
     def finish(
-        self, b: torch.Tensor, traffic: Traffic, before: list[dict], after: list[dict], seconds: float, num_params: int
+        self,
+        b: torch.Tensor,
+        traffic: Traffic,
+        before: list[dict],
+        after: list[dict],
+        seconds: float,
+        num_params: int,
+        missing: Sequence[dict[str, Any]] = (),
+        missing_before: Sequence[dict[str, Any]] = (),
     ) -> dict[str, Any]:
+        """Write the run's results. ``before`` / ``after``: the untuned (round-0) and final rows; ``missing`` /
+        ``missing_before``: the clients those evaluations meant to but could not evaluate ({partition, reason})."""
         name, higher = self.metric
-        untuned = {int(r["partition"]): r[f"global_{name}"] for r in before if f"global_{name}" in r}
-        per_client = []
+        untuned = {int(r["partition"]): r for r in before if f"global_{name}" in r}  # the round-0 rows
+        why_before = {int(m["partition"]): str(m["reason"]) for m in missing_before}
+        per_client, no_untuned = [], []
         for r in after:
-            row = {"partition": int(r["partition"]), f"untuned_{name}": untuned.get(int(r["partition"]), math.nan)}
+            part = int(r["partition"])
+            row = {"partition": part, f"untuned_{name}": math.nan}
+            row.update({f"untuned_{k[7:]}": v for k, v in untuned.get(part, {}).items() if k.startswith("global_")})
             row.update({k: v for k, v in r.items() if k != "partition"})
             per_client.append(row)
+            if not _finite(row[f"untuned_{name}"]):
+                no_untuned.append({"partition": part, "reason": why_before.get(part, "no untuned (round-0) row")})
         _write_csv(self.dir / "clients.csv", per_client)
-        methods = {}
-        for m in ["untuned", *self.cfg.eval.personalization]:
-            key = f"{m}_{name}"
-            vals = [r[key] for r in per_client if key in r and not math.isnan(r[key])]
-            if vals:
-                methods[m] = client_stats(vals, higher)
-        improved = [r for r in per_client if f"global_{name}" in r]
-        better = sum(
-            (r[f"global_{name}"] > r[f"untuned_{name}"]) == higher and r[f"global_{name}"] != r[f"untuned_{name}"]
-            for r in improved
-        )
+        methods = self._method_stats(per_client)
+        newcomers = set(unseen_clients(self.cfg, self.cfg.federation.clients))  # eval.unseen_fraction
+        g, u = f"global_{name}", f"untuned_{name}"
+        both = [r for r in per_client if _finite(r.get(g)) and _finite(r[u])]  # a NaN compares as neither
+        better = sum((r[g] > r[u]) == higher and r[g] != r[u] for r in both)
+        expected = sorted({int(r["partition"]) for r in after} | {int(m["partition"]) for m in missing})
         ok_rounds = [r for r in self.rounds if r["ok"]]
         self.summary = {
             "metric": name,
             "higher_is_better": higher,
             "methods": methods,
+            "unseen_clients": sorted(newcomers),  # never trained; their methods apart below (and in the table)
+            "methods_trained": self._method_stats([r for r in per_client if r["partition"] not in newcomers]),
+            "methods_unseen": self._method_stats([r for r in per_client if r["partition"] in newcomers]),
+            "clients_expected": len(expected),
+            "clients_evaluated": len(after),
+            "missing": [{"partition": int(m["partition"]), "reason": str(m["reason"])} for m in missing],
+            "untuned_evaluation": {
+                "clients_expected": len(before) + len(missing_before),
+                "clients_evaluated": len(before),
+                "missing": [{"partition": int(m["partition"]), "reason": str(m["reason"])} for m in missing_before],
+            },
+            "missing_untuned": no_untuned,
             "clients_improved_by_global": better,
-            "clients_evaluated": len(improved),
+            "clients_compared": len(both),  # clients with both an untuned and a global metric
             "bytes": dict(traffic.bytes),
             "payload_bytes": dict(traffic.payload),
             "messages": dict(traffic.count),
@@ -129,22 +160,45 @@ class RunWriter:
         self.print_summary()
         return self.summary
 
+    def _method_stats(self, rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+        """Per personalization method: stats of the headline metric over the clients that have it."""
+        name, higher = self.metric
+        out = {}
+        for m in ["untuned", *self.cfg.eval.personalization]:
+            vals = [r[f"{m}_{name}"] for r in rows if _finite(r.get(f"{m}_{name}"))]  # only clients with this number
+            if vals:
+                out[m] = {**client_stats(vals, higher), "clients": len(vals)}
+        return out
+
     def print_summary(self) -> None:
         s, name = self.summary, self.summary["metric"]
-        table = Table(title=f"per-client held-out {name} ({'higher' if s['higher_is_better'] else 'lower'} is better)")
-        for col in ("method", "mean", "median", "worst 10%"):
+        n, m = s["clients_evaluated"], s["clients_expected"]
+        better = "higher" if s["higher_is_better"] else "lower"
+        table = Table(title=f"per-client held-out {name}, {n} of {m} clients ({better} is better)")
+        for col in ("method", "clients", "mean", "median", "worst 10%"):
             table.add_column(col, justify="right" if col != "method" else "left")
-        for m, st in s["methods"].items():
-            table.add_row(m, f"{st['mean']:.4f}", f"{st['median']:.4f}", f"{st['worst10']:.4f}")
+        groups = [("", s["methods"])]
+        if s["unseen_clients"]:  # newcomers apart: the methods' way of adapting a client that never trained
+            groups = [("trained: ", s["methods_trained"]), ("unseen: ", s["methods_unseen"])]
+        for prefix, stats in groups:
+            for meth, st in stats.items():
+                cells = (f"{st['mean']:.4f}", f"{st['median']:.4f}", f"{st['worst10']:.4f}")
+                table.add_row(prefix + meth, str(st["clients"]), *cells)
         self.console.print(table)
+        if s["missing"]:
+            self.console.print(Text(f"{m - n} of {m} clients not evaluated: {_names(s['missing'])}", "bold red"))
+            log.warning("%d of %d clients not evaluated: %s", m - n, m, _names(s["missing"]))
+        if s["missing_untuned"]:
+            self.console.print(Text(f"no untuned metric, not compared: {_names(s['missing_untuned'])}", "red"))
+            log.warning("no untuned metric, left out of the comparison: %s", _names(s["missing_untuned"]))
         b = s["bytes"]
         self.console.print(
             f"uplink {s['uplink_bytes_per_client_round']:.0f} B per client-round "
             f"(dense fp32 B would be {s['adapter_bytes_fp32']:,} B); downlink "
             f"{s['downlink_bytes_per_client_round']:.0f} B per client-round; train totals up "
             f"{b.get('train_up', 0):,} B, down {b.get('train_down', 0):,} B; "
-            f"global B improved {s['clients_improved_by_global']}/{s['clients_evaluated']} clients; "
-            f"{s['seconds']:.0f} s. Results: {self.dir}"
+            f"global B improved {s['clients_improved_by_global']}/{s['clients_compared']} clients "
+            f"(those with both metrics); {s['seconds']:.0f} s. Results: {self.dir}"
         )
 
     def plot(self) -> None:
@@ -180,6 +234,14 @@ class RunWriter:
 
     def _curve_label(self) -> str:
         return "all clients" if self.curve_partitions is None else f"{len(self.curve_partitions)} fixed clients"
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _names(missing: list[dict[str, Any]]) -> str:
+    return "; ".join(f"client {m['partition']} ({m['reason']})" for m in missing)
 
 
 def _sha(b: torch.Tensor) -> str:

@@ -24,8 +24,8 @@ def backend_config(cfg: RunConfig) -> dict:
     init_args: dict = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
     if cfg.sim.ray_address:
         init_args["address"] = cfg.sim.ray_address
-    else:
-        init_args["num_cpus"] = cfg.sim.cpus
+    else:  # a Ray of our own, even when a `ray start` session is the machine's current cluster
+        init_args["address"], init_args["num_cpus"] = "local", cfg.sim.cpus
     return {"client_resources": {"num_cpus": cfg.sim.cpus_per_client, "num_gpus": 0.0}, "init_args": init_args}
 
 
@@ -62,6 +62,11 @@ def simulate(cfg: RunConfig, writer: RunWriter | None = None, resume: bool = Fal
         raise RuntimeError(f"the federation failed: {outcome['error']}") from outcome["error"]
     if "summary" not in outcome:
         raise RuntimeError(f"the simulation ended without a result; see the log above and {writer.dir}")
+    if cfg.export.adapters and cfg.federation.algorithm == "prge":
+        from fedprge.export.peft_adapters import export_run
+
+        done = export_run(writer.dir)  # RUN/adapters/global: a standard PEFT adapter of the global B
+        logging.getLogger("fedprge").info("PEFT adapter of the global B: %s", done.adapters["global"])
     return outcome["summary"]
 
 

@@ -11,6 +11,7 @@ or ``backend='executorch'`` selects explicitly (:func:`client_overrides`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -26,7 +27,16 @@ from fedprge.engine.estimator import StepRecord, ZOConfig, finish_step, prge_ste
 from fedprge.evaluate import evaluate
 from fedprge.federation.protocol import SeedSpec, step_seeds
 
-_BATCH_DOMAIN, _PERSONAL_DOMAIN = 5, 6
+_BATCH_DOMAIN, _PERSONAL_DOMAIN, _DITTO_DOMAIN = 5, 6, 11
+
+
+def checkpoints(steps: int) -> list[int]:
+    """Step counts at which personalization compares validation losses: 0, 1, 2, 4, ... and ``steps`` itself."""
+    out, k = [0], 1
+    while k < steps:
+        out.append(k)
+        k *= 2
+    return [*out, steps] if steps > 0 else out
 
 
 @dataclass
@@ -80,15 +90,63 @@ class Task:
         n = steps * self.cfg.federation.batch_size
         return TrainResult(b, np.asarray(grads, dtype=np.float32), float(np.mean(losses)), n)
 
-    def local_steps(self, b: torch.Tensor, partition: int, steps: int, tag: int) -> torch.Tensor:
-        """Personalization: ``steps`` P-RGE steps on the client's own data, directions private to the client."""
+    def local_steps(
+        self, b: torch.Tensor, partition: int, steps: int, tag: int, anchor: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Personalization: ``steps`` P-RGE steps on the client's own data, directions private to the client.
+        With ``anchor`` every step also pulls b toward it by ``lr * eval.ditto_lambda * (b - anchor)`` (Ditto's
+        proximal term: exact, no forward pass)."""
+        return self.adapt(b, partition, steps, tag, anchor, select=False)[0]
+
+    def adapt(
+        self,
+        b: torch.Tensor,
+        partition: int,
+        steps: int,
+        tag: int,
+        anchor: torch.Tensor | None = None,
+        select: bool = True,
+        trail: dict[int, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, int]:
+        """:meth:`local_steps`, keeping the state after the step count of :func:`checkpoints` with the lowest loss
+        on the client's validation split (``select``; without a validation split: all ``steps``). ``trail``, when
+        given, receives the state at every checkpoint (for studies of the gain against the step budget)."""
+        select = select and bool(self.client(partition).val)
+        best, best_k, best_loss = b, 0, self.validation_loss(b, partition) if select else math.inf
+        marks = set(checkpoints(steps))
+        if trail is not None:
+            trail[0] = b
         for step in range(steps):
             batch = self.batch(partition, _PERSONAL_DOMAIN, tag, partition, step)
             seeds = [
                 rng.derive_seed(self.cfg.seed, _PERSONAL_DOMAIN, tag, partition, step, i) for i in range(self.zo.q)
             ]
             b, _, _ = self.step(b, seeds, batch)
-        return b
+            if anchor is not None:
+                b = self.prox(b, anchor)
+            if trail is not None and step + 1 in marks:
+                trail[step + 1] = b
+            if select and step + 1 in marks and (loss := self.validation_loss(b, partition)) < best_loss:
+                best, best_k, best_loss = b, step + 1, loss
+        return (best, best_k) if select else (b, steps)
+
+    def prox(self, b: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        """Ditto's proximal step toward ``anchor``: the exact gradient of (lambda/2) ||b - anchor||^2."""
+        return b - (self.zo.lr * self.cfg.eval.ditto_lambda) * (b - anchor)
+
+    def ditto(self, personal: torch.Tensor, b_global: torch.Tensor, partition: int, rnd: int) -> torch.Tensor:
+        """Ditto's personal update in training round ``rnd``: ``local_steps`` P-RGE steps on the round's batches
+        with private directions, each followed by the pull toward the round's global B. Never sent."""
+        for step in range(self.cfg.federation.local_steps):
+            seeds = [rng.derive_seed(self.cfg.seed, _DITTO_DOMAIN, rnd, partition, step, i) for i in range(self.zo.q)]
+            personal, _, _ = self.step(personal, seeds, self.train_batch(partition, rnd, step))
+            personal = self.prox(personal, b_global)
+        return personal
+
+    def validation_loss(self, b: torch.Tensor, partition: int) -> float:
+        """Mean target-token NLL of ``b`` on the client's validation split (what personalization selects on)."""
+        c = self.client(partition)
+        return evaluate(self.backend, self.tokenizer, b, c.val, self.cfg.data.max_len, with_acc=False)["loss"]
 
     def step(
         self, b: torch.Tensor, seeds: list[int], batch: dict[str, torch.Tensor]
@@ -128,6 +186,8 @@ def load_data(cfg: RunConfig) -> FederatedDataset:
         max_train_per_client=d.max_train_per_client,
         max_test_per_client=d.max_test_per_client,
         chunk_words=d.chunk_words,
+        val_fraction=d.val_fraction,
+        max_val_per_client=d.max_val_per_client,
     )
 
 

@@ -20,7 +20,7 @@ def test_defaults_overrides_and_yaml_round_trip(tmp_path):
         ("federation.fraction=1.5", "federation.fraction=1.5"),
         ("federation.downlink=dense", "federation.downlink='dense'.*weights"),
         ("data.partition=random", "data.partition='random'"),
-        ("eval.personalization=[global,ditto]", "ditto"),
+        ("eval.personalization=[global,clustered]", "clustered"),
         ("federation.clients=many", "federation.clients"),
         ("federation.nope=1", "nope"),
     ],

@@ -9,6 +9,7 @@ from fedprge.engine.backprop import BackpropTrainer
 from fedprge.engine.estimator import (
     StepRecord,
     ZOConfig,
+    clip_rms,
     estimate_gradient,
     prge_step,
     replay,
@@ -92,6 +93,8 @@ def test_estimator_converges_to_the_true_gradient(batch):
         ({"eps": -1e-3}, "eps=-0.001"),
         ({"lr": 0}, "lr=0"),
         ({"distribution": "normal"}, "'normal'"),
+        ({"clip": -1.0}, "clip=-1.0"),
+        ({"clip": float("inf")}, "clip=inf"),
     ],
 )
 def test_bad_zo_config_is_rejected(kwargs, message):
@@ -102,3 +105,21 @@ def test_bad_zo_config_is_rejected(kwargs, message):
 def test_replay_rejects_mismatched_records():
     with pytest.raises(ValueError, match="2 seeds but 1"):
         replay(torch.zeros(10), [StepRecord((1, 2), (0.5,))], 1e-3, "gaussian")
+
+
+def test_estimate_on_a_linear_loss_is_the_mean_of_exact_directional_derivatives():
+    """For L(b) = c.b the central difference is exact: g_i = c.z_i, so the estimate is (1/q) sum_i (c.z_i) z_i, with
+    its scale (a wrong eps factor changes it by orders of magnitude; float32 noise is ~1e-6 relative)."""
+    c = torch.linspace(-1, 1, 40, dtype=torch.float64)
+    seeds = [3, 4, 5]
+    est = estimate_gradient(lambda reps: reps.double() @ c, torch.zeros(40), seeds, ZOConfig(q=3, eps=1e-2))
+    z = rng.directions(seeds, 40).double()
+    want = ((z @ c)[:, None] * z).mean(0)
+    assert torch.allclose(est.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_clip_rms_scales_a_step_down_to_the_bound_exactly():
+    g = torch.tensor([3.0, 4.0, 0.0, 0.0])  # rms 2.5
+    assert torch.allclose(clip_rms(g, 0.5), torch.tensor([0.6, 0.8, 0.0, 0.0]))  # a bound below 1 as well
+    assert torch.equal(clip_rms(g, 2.5), g) and torch.equal(clip_rms(g, 0.0), g)  # at the bound, and off
+    assert float(clip_rms(g * 10, 2.5).pow(2).mean().sqrt()) == pytest.approx(2.5)

@@ -1,9 +1,20 @@
 """Real Flower simulations (Ray backend, no mocks) with the tiny model: a handful of clients, seconds each."""
 
+import contextlib
 import csv
 import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
+import torch
 
 from fedprge.config import load_config
 from fedprge.results import RunWriter
@@ -19,6 +30,33 @@ def run(tmp_path, name, *overrides):
     with open(writer.dir / "rounds.csv") as f:
         rounds = list(csv.DictReader(f))
     return summary, rounds
+
+
+def recompute(run_dir: Path) -> tuple[dict, dict]:
+    """Every client's metrics recomputed in this process with the Task the clients use, from the run's global B.
+
+    ``fixed[p][method]``: ``untuned`` (zero B) and ``global``. ``candidates[p][method]``: ``finetune`` (global B) and
+    ``local`` (zero B) after k = 0 .. eval.personal_steps of the client's own local steps (tags 1 and 2 keep their
+    directions and batches apart); the client keeps one of these, its step count chosen on validation data."""
+    from fedprge.config import from_yaml
+    from fedprge.task import Task
+
+    cfg = from_yaml((run_dir / "config.yaml").read_text())
+    task, b, steps = Task(cfg), torch.load(run_dir / "global_b.pt"), cfg.eval.personal_steps
+    zero = torch.zeros_like(b)
+    fixed, candidates = {}, {}
+    for p in range(cfg.federation.clients):
+        fixed[p] = {"untuned": task.evaluate(zero, p), "global": task.evaluate(b, p)}
+        candidates[p] = {
+            m: [task.evaluate(task.local_steps(start, p, k, tag), p) for k in range(steps + 1)]
+            for m, start, tag in (("finetune", b, 1), ("local", zero, 2))
+        }
+    return fixed, candidates
+
+
+def clients_csv(run_dir: Path) -> dict[int, dict[str, float]]:
+    with open(run_dir / "clients.csv") as f:
+        return {int(r["partition"]): {k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)}
 
 
 @pytest.mark.parametrize("downlink", ["weights", "seeds", "pool"])
@@ -40,6 +78,20 @@ def test_same_config_same_numbers_and_two_runs_in_one_process_see_all_clients(tm
     assert a["b_sha256"] == b["b_sha256"]
     assert a["methods"] == b["methods"]
     assert [r["train_loss"] for r in ra] == [r["train_loss"] for r in rb]
+    # what the methods compute: the clients' numbers are the README's definitions, recomputed here (same fp32 ops,
+    # 1 thread: measured bit-equal). The tolerance 1e-6 is below the effects: global moved each client's loss by
+    # 1.3e-3 to 3.4e-3 from untuned, one local step by 2e-5 to 3.5e-3 (asserted > 1e-5, so the check can fail).
+    fixed, candidates = recompute(tmp_path / "a")
+    got = clients_csv(tmp_path / "a")
+    for p in range(5):
+        for m in ("untuned", "global"):
+            assert got[p][f"{m}_loss"] == pytest.approx(fixed[p][m]["loss"], abs=1e-6), (p, m)
+        assert abs(fixed[p]["global"]["loss"] - fixed[p]["untuned"]["loss"]) > 1e-5
+        for m in ("finetune", "local"):
+            losses = [c["loss"] for c in candidates[p][m]]
+            assert abs(losses[1] - losses[0]) > 1e-5, (p, m, losses)
+            assert min(abs(got[p][f"{m}_loss"] - x) for x in losses) < 1e-6, (p, m, got[p][f"{m}_loss"], losses)
+        assert candidates[p]["local"][0] == fixed[p]["untuned"] and candidates[p]["finetune"][0] == fixed[p]["global"]
 
 
 def test_weights_and_seeds_downlinks_train_the_same_global_B(tmp_path):
@@ -70,45 +122,136 @@ def test_server_fails_loudly_when_nodes_never_come(tmp_path, monkeypatch):
         simulate(cfg, RunWriter(cfg, out=tmp_path / "missing", progress=False))
 
 
-def test_attaches_to_an_existing_ray_cluster(tmp_path):
-    """--ray-address: the simulation runs on a Ray head started separately (as on a cluster)."""
-    import shutil
-    import socket
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    head = [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2"]
-    head += ["--include-dashboard=false", "--disable-usage-stats"]
-    # --block keeps this head in the foreground, so it is stopped with the test even if the test fails
-    proc = subprocess.Popen(head, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return s.getsockname()[1]
+
+
+def _pids(marker: str, pgid: int) -> set[int]:
+    """Live processes in process group ``pgid`` or whose command line names ``marker`` (a Ray head's temp dir: its
+    GCS, raylet, log monitor and agents carry it in their arguments)."""
+    pids = set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # state, ppid, pgrp, ...
+        if fields[0] != "Z" and (int(fields[2]) == pgid or marker.encode() in cmd):
+            pids.add(int(d.name))
+    return pids
+
+
+def _cmdline(pid: int) -> bytes:
     try:
-        deadline = time.monotonic() + 120
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+class RayHead:
+    """A Ray head of our own: ``ray start --head`` in its own session (process group) and its own temp dir, so it
+    can be stopped without touching any other Ray on the machine (no ``ray stop``, which stops them all)."""
+
+    def __init__(self, block: bool, env: dict[str, str] | None = None) -> None:
+        ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+        self.temp = tempfile.mkdtemp(prefix="fedprge-ray-", dir="/tmp")  # short: Ray's socket paths are limited
+        self.port = _free_port()
+        cmd = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.port}", "--num-cpus=2"]
+        cmd += ["--include-dashboard=false", "--disable-usage-stats"] + (["--block"] if block else [])
+        env = {**os.environ, **(env or {"RAY_TMPDIR": self.temp})}
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env
+        )
+        deadline = time.monotonic() + 180
         while True:
             with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
                     break
-            assert proc.poll() is None and time.monotonic() < deadline, "the Ray head did not start"
+            assert time.monotonic() < deadline, "the Ray head did not start"
+            assert block or self.proc.poll() in (None, 0), "ray start failed"
             time.sleep(0.5)
-        summary, rounds = run(tmp_path, "cluster", f"sim.ray_address=127.0.0.1:{port}")
+        if not block:
+            self.proc.wait(timeout=180)  # `ray start` returns once the head runs
+
+    def pids(self) -> set[int]:
+        return _pids(self.temp, self.proc.pid)
+
+    def core(self) -> set[int]:
+        """Its GCS server and raylet (workers come and go)."""
+        return {p for p in self.pids() if any(k in _cmdline(p) for k in (b"gcs_server", b"raylet"))}
+
+    def alive(self) -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while (left := self.pids()) and time.monotonic() < deadline:
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM if time.monotonic() < deadline - 30 else signal.SIGKILL)
+            time.sleep(0.5)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=60)
+        assert not self.pids(), f"processes of the Ray head in {self.temp} survived: {self.pids()}"
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def bystander():
+    """Someone else's Ray session on this machine, started before the tests that use Ray: a plain
+    ``ray start --head``, with its default temp dir under RAY_TMPDIR (where it records itself as the machine's
+    current cluster, as a user's session does in /tmp/ray)."""
+    head = RayHead(block=False)
+    yield head
+    head.stop()
+
+
+def test_a_users_ray_session_is_neither_joined_nor_stopped(tmp_path, monkeypatch, bystander):
+    """Without sim.ray_address a simulation starts a Ray of its own, even when a `ray start` session is recorded
+    as the machine's current cluster (ray.init() would otherwise join it, and fail on num_cpus), and stops only it."""
+    before = bystander.core()
+    monkeypatch.setenv("RAY_TMPDIR", bystander.temp)  # the user's session is this process's "current cluster"
+    summary, rounds = run(tmp_path, "beside", "federation.rounds=1")
+    assert [int(r["ok"]) for r in rounds] == [2] and summary["clients_evaluated"] == 4
+    assert len(before) >= 2 and bystander.alive() and before == bystander.core()
+
+
+def test_attaches_to_an_existing_ray_cluster(tmp_path, bystander):
+    """--ray-address: the simulation runs on a Ray head started separately (as on a cluster); the test stops that
+    head and its raylet/GCS, and nothing else: the bystander session is still up."""
+    before = bystander.core()
+    head = RayHead(block=True)  # --block: the head stays in the foreground of its own process group
+    try:
+        summary, rounds = run(tmp_path, "cluster", f"sim.ray_address=127.0.0.1:{head.port}")
     finally:
-        proc.terminate()
-        proc.wait(timeout=120)
-        # a terminated head can leave its raylet behind, and later ray.init() calls would attach to it; this
-        # stops every Ray process on the machine (fine in CI, where nothing else runs Ray)
-        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
+        head.stop()
     assert [int(r["ok"]) for r in rounds] == [2, 2, 2]
     assert summary["clients_evaluated"] == 4
+    assert bystander.alive() and before == bystander.core(), "the test stopped a Ray session it did not start"
 
 
 @pytest.mark.parametrize(("task", "partition"), [("tweets", "dirichlet"), ("shakespeare", "iid")])
 def test_other_tasks_and_partitions_run_end_to_end(tmp_path, task, partition):
     summary, rounds = run(tmp_path, f"{task}-{partition}", f"data.task={task}", f"data.partition={partition}")
     assert summary["metric"] == ("acc" if task == "tweets" else "loss")
-    assert summary["clients_evaluated"] == 4 and len(rounds) == 3
-    assert all(0 <= s["mean"] <= (1 if task == "tweets" else 20) for s in summary["methods"].values())
+    assert summary["clients_evaluated"] == 4 and len(rounds) == 3 and all(int(r["ok"]) == 2 for r in rounds)
+    # the untuned and global means are the means of the clients' own metric, recomputed here from the run's global B
+    # (loss to ~1e-7; accuracy is a count of 4 test examples, exact); the global B moved the loss by more than that
+    metric = summary["metric"]
+    fixed, _ = recompute(tmp_path / f"{task}-{partition}")
+    for m in ("untuned", "global"):
+        mean = sum(fixed[p][m][metric] for p in fixed) / len(fixed)
+        assert summary["methods"][m]["mean"] == pytest.approx(mean, abs=1e-6), m
+    moved = [abs(fixed[p]["global"]["loss"] - fixed[p]["untuned"]["loss"]) for p in fixed]
+    assert max(moved) > 1e-5, moved
+    if task == "shakespeare":  # a random model over 49,152 tokens: the untuned loss is ln(49152) = 10.80 +- 0.1
+        assert abs(summary["methods"]["untuned"]["mean"] - math.log(49152)) < 0.1

@@ -2,7 +2,8 @@
 
 The fleets are real processes talking Flower's Fleet API (HTTP in flwr 1.42) over loopback: a SuperLink, 2-4
 SuperNodes, one ClientApp process per message, the ServerApp run by ``flwr run``. The fleet runs take 1-3 minutes
-on two busy cores and are marked slow.
+on two busy cores and are marked slow, as is everything that exports a program (the ``pte`` fixture, which also
+skips when ExecuTorch is not installed).
 """
 
 from __future__ import annotations
@@ -19,10 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("executorch")
-
-from fedprge.config import load_config  # noqa: E402
-from fedprge.results import RunWriter  # noqa: E402
+from fedprge.config import load_config
+from fedprge.results import RunWriter
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = str(REPO / "configs" / "smoke.yaml")
@@ -48,6 +47,7 @@ def config(*overrides: str):
 @pytest.fixture(scope="module")
 def pte(tmp_path_factory) -> Path:
     """A portable-kernel .pte that matches :func:`config` (exports in ~10-25 s here)."""
+    pytest.importorskip("executorch")
     from fedprge.export.backend import export_args
 
     out = tmp_path_factory.mktemp("pte") / "smoke.pte"
@@ -84,6 +84,7 @@ def test_node_config_picks_the_backend():
     assert client_overrides({"backend": "eager"}) == ("eager", None)
 
 
+@pytest.mark.slow
 def test_pte_task_trains_and_evaluates_like_the_eager_task(pte):
     """Same seeds, same batches: the program's losses are the eager ones to ~1 fp32 ulp, so g agrees to ~1e-4
     (the ulp divided by 2 eps) and B to ~1e-5; held-out losses agree to 1e-5."""
@@ -102,6 +103,7 @@ def test_pte_task_trains_and_evaluates_like_the_eager_task(pte):
     torch.testing.assert_close(personal, eager.local_steps(b0, 1, 2, tag=1), rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_pte_that_does_not_match_the_run_is_refused(pte, tmp_path):
     from fedprge.export.backend import load_pte_backend
 
@@ -119,6 +121,7 @@ def test_pte_that_does_not_match_the_run_is_refused(pte, tmp_path):
         load_pte_backend(pte_config(lone))
 
 
+@pytest.mark.slow
 def test_executorch_client_process_loads_no_model(pte):
     """What a SuperNode's ClientApp process imports for a train and an evaluate message: no model, no peft, no
     transformers modeling code, no ExecuTorch compiler; just the runtime binding, the program and a tokenizer."""
@@ -270,10 +273,12 @@ def test_executorch_fleet_matches_the_simulation_exactly(pte, pte_fleet, tmp_pat
 def test_eager_simulation_is_within_fp32_noise_of_the_executorch_fleet(pte_fleet, tmp_path):
     """Eager PyTorch and the ExecuTorch program agree on each loss to ~1 ulp (1e-6 at a loss of 10.8); divided by
     2 eps = 0.02 that is ~5e-5 in g, so after 2 rounds B agrees to ~1e-5 absolute (seen: 1.2e-5 of max |B| 0.037,
-    i.e. 3e-4 relative). Asserted: 1e-4 absolute and 2e-3 relative (L2); not bit-equal."""
+    i.e. 3e-4 relative). Asserted: 1e-4 absolute and 2e-3 relative (L2); whether the two are bit-equal is a rounding
+    accident and not asserted. The tolerance is meaningful only if training moved B far beyond it: max |B| is ~0.04,
+    so B must exceed 100 x the tolerance (a B that barely moved would pass any closeness check)."""
     fleet_b = torch.load(pte_fleet / "global_b.pt")
     eager_b = simulate_b(tmp_path / "sim", config())
-    assert not torch.equal(fleet_b, eager_b)
+    assert eager_b.abs().max() > 100 * 1e-4, eager_b.abs().max()
     torch.testing.assert_close(fleet_b, eager_b, rtol=0, atol=1e-4)
     assert float((fleet_b - eager_b).norm() / eager_b.norm()) < 2e-3
 

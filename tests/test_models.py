@@ -36,8 +36,15 @@ def _assert_ready(model: torch.nn.Module, dtype: torch.dtype) -> None:
     assert model.config.use_cache is False
 
 
-def test_choices():
-    assert MODEL_CHOICES == ("tiny", "smollm2")
+def test_every_named_choice_is_a_model_and_other_names_must_be_folders(tmp_path, monkeypatch):
+    """A name in MODEL_CHOICES never touches the file system; any other name is a path, even when it looks like a
+    model (a folder called 'smollm3' in the working directory is not a choice)."""
+    monkeypatch.chdir(tmp_path)
+    for name in MODEL_CHOICES:
+        assert len(load_tokenizer(name)) == 49152  # the committed tokenizer, no folder named `name` exists here
+    with pytest.raises(ValueError, match=r"tokenizer 'smollm3': no such path") as err:
+        load_tokenizer("smollm3")
+    assert all(name in str(err.value) for name in MODEL_CHOICES)  # the error lists the choices
 
 
 def test_tokenizer_asset(tok):

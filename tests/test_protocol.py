@@ -50,13 +50,34 @@ def test_decode_grads_checks_the_count():
 
 
 def test_aggregated_coefficients_replay_equals_step_updates():
-    b = torch.randn(300)
+    b = torch.randn(300, generator=torch.Generator().manual_seed(0))
     seeds, g = [11, 12, 13], torch.tensor([0.3, -2.0, 1.5])
     z = rng.directions(seeds, 300)
     assert torch.equal(apply_update(b, z, g, 0.1), apply_coefficients(b, seeds, g.numpy(), 0.1 / 3, "gaussian"))
-    assert torch.equal(
-        replay(b, [StepRecord(tuple(seeds), tuple(g.tolist()))], 0.1, "gaussian"), apply_update(b, z, g, 0.1)
-    )
+    # the update written out in float64: b - lr/q * sum_i g_i z_i (a step moves b by ~0.1 per entry, the float32
+    # rounding of the accumulation is ~1e-7)
+    want = b.double() - 0.1 / 3 * (g.double()[:, None] * z.double()).sum(0)
+    assert float((apply_update(b, z, g, 0.1).double() - want).abs().max()) < 1e-6
+
+
+def test_weighted_average_of_client_replays_is_one_seed_list():
+    """The README's linearity claim: the weighted mean of two clients' replayed trajectories (two steps each, own
+    seeds) is b - lr/q * sum of the weighted scalars times their directions, i.e. one seed/coefficient list. The
+    clients' updates differ by ~0.1 per entry; float32 accumulation differs by ~1e-7."""
+    b, lr, w = torch.randn(400, generator=torch.Generator().manual_seed(1)), 0.05, (0.25, 0.75)
+    steps = {
+        0: [StepRecord((1, 2), (0.5, -1.0)), StepRecord((3, 4), (2.0, 0.25))],
+        1: [StepRecord((5, 6), (-0.75, 1.5)), StepRecord((7, 8), (1.0, -3.0))],
+    }
+    trajectories = [replay(b, steps[c], lr, "gaussian") for c in (0, 1)]
+    mean = w[0] * trajectories[0].double() + w[1] * trajectories[1].double()
+    seeds = [s for c in (0, 1) for rec in steps[c] for s in rec.seeds]
+    coefs = [w[c] * g for c in (0, 1) for rec in steps[c] for g in rec.projected_grads]
+    merged = apply_coefficients(b, seeds, coefs, lr / 2, "gaussian")
+    assert float((merged.double() - mean).abs().max()) < 1e-5
+    assert float((trajectories[0] - trajectories[1]).abs().max()) > 0.05  # the clients really differ
+    with pytest.raises(ValueError, match="2 seeds but 1 projected grads"):
+        replay(b, [StepRecord((1, 2), (0.5,))], lr, "gaussian")
 
 
 def test_seed_scopes_and_pool():

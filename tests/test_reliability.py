@@ -1,7 +1,8 @@
 """Reliability and security of a federation: dropped, late and hostile clients; checkpoint and resume.
 
 The simulations are real Flower runs (Ray backend, faults injected inside the real ClientApp) on the smoke config
-with 10 clients; the rules are tested one by one on the strategy with real Flower messages.
+with 10 clients (slow tier); the rules are tested one by one on the strategy with hand-built Flower messages here,
+and through the real message path in tests/test_message_path.py.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedprge.config import load_config, to_yaml
 from fedprge.federation import checkpoint, faults
-from fedprge.federation.protocol import GlobalState, pack_f32
+from fedprge.federation.protocol import GlobalState, SeedSpec, pack_f32
 from fedprge.federation.sampling import sample_round
 from fedprge.federation.server_app import accept_registrations
 from fedprge.federation.strategy import Client, PRGEStrategy
@@ -86,6 +87,7 @@ def _train_text_loss(b: torch.Tensor) -> float:
 
 
 # --- simulations ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_thirty_percent_of_clients_dropping_at_random_still_converges(runs, caplog):
     caplog.set_level(logging.WARNING, logger="fedprge.server")
     clean, drop = runs("clean"), runs("drop")
@@ -102,14 +104,18 @@ def test_thirty_percent_of_clients_dropping_at_random_still_converges(runs, capl
     # rejoining clients got the dense B when their missed seed lists were longer than catchup_max_seeds
     assert sum(int(r["down_weights"]) for r in drop["rounds"]) > 0
     assert sum(int(r["down_seeds"]) for r in drop["rounds"]) > 0
-    # convergence: both runs lower the loss on the clients' training text, the faulty one by >= half as much
+    # Convergence, on the clients' training text (what the federation minimizes). Measured on this setup: untrained
+    # 10.8124, clean 10.8091 (gain 0.0033), 30% drop 10.8081 (gain 0.0043). The drop run must beat the untrained
+    # loss by half the clean gain (0.0016): a run that trained nothing (gain 0) or diverged fails. The held-out loss
+    # of this random model is no measure: it moved by 0.0003 (clean) and 0.0019 (drop), below the spread between
+    # client subsets, so it is not asserted.
     zero = _train_text_loss(torch.zeros_like(clean["b"]))
     gain_clean, gain_drop = zero - _train_text_loss(clean["b"]), zero - _train_text_loss(drop["b"])
-    assert gain_clean > 0 and gain_drop > 0.5 * gain_clean, (zero, gain_clean, gain_drop)
-    held_out = clean["summary"]["methods"]["global"]["mean"], drop["summary"]["methods"]["global"]["mean"]
-    assert abs(held_out[0] - held_out[1]) < 0.01, held_out
+    assert gain_clean > 0.001 and gain_drop > 0.5 * gain_clean, (zero, gain_clean, gain_drop)
+    assert not torch.equal(drop["b"], clean["b"])  # the dropped clients' absence changed the trajectory
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_identical_global_B(runs, tmp_path_factory, caplog):
     caplog.set_level(logging.INFO, logger="fedprge.server")
     overrides, run_dir = [*TEN, *DROP, "federation.stop_after=2"], tmp_path_factory.mktemp("killed")
@@ -129,6 +135,66 @@ def test_killed_run_resumes_to_the_identical_global_B(runs, tmp_path_factory, ca
     assert resumed["summary"]["methods"]["global"] == drop["summary"]["methods"]["global"]
 
 
+# shared seeds, seed-by-seed median, pool downlink, every personalization method: one uninterrupted run and one
+# killed after round 2 and resumed (6 clients, 3 per round, so some clients do not train after the resume)
+SHARED_POOL = ["federation.clients=6", "federation.fraction=0.5", "federation.seed_scope=round"]
+SHARED_POOL += ["federation.aggregation=median", "federation.downlink=pool", "federation.pool_size=64"]
+SHARED_POOL += ["federation.verify=true", "federation.norm_bound=0"]
+
+
+@pytest.mark.slow
+def test_shared_seeds_median_and_a_resumed_pool_run_end_to_end(tmp_path_factory, caplog):
+    """seed_scope=round in a real run: the clients of a round share their seeds, so each round's update has at most
+    local_steps x q = 12 coefficients (36 with own seeds), and the server's replay of every client is exact. Resumed
+    with the pool downlink, the run ends with the same B, the same training and evaluation traffic (registration is
+    counted twice: every node registers again), and clients that did not train after the resume fall back from
+    `personal` to the global B, while clients that trained keep their own."""
+    caplog.set_level(logging.INFO, logger="fedprge.server")
+    cfg = _cfg(*SHARED_POOL)
+    full = _run(tmp_path_factory, "full", *SHARED_POOL)
+    run_dir = tmp_path_factory.mktemp("stopped")
+    with pytest.raises(RuntimeError, match="stopped after round 2"):
+        _run(tmp_path_factory, "stopped", *SHARED_POOL, "federation.stop_after=2", out=run_dir)
+    resumed = _run(tmp_path_factory, "stopped", *SHARED_POOL, out=run_dir, resume=True)
+    assert "after round 2; every node starts unsynced" in caplog.text
+
+    errors = [float(r["reconstruction_error"]) for r in full["rounds"]]
+    assert all(e <= 1e-6 for e in errors) and all(int(r["ok"]) == 3 for r in full["rounds"]), errors
+    history = checkpoint.load(full["dir"] / checkpoint.NAME)["strategy"]["history"]
+    pool = set(SeedSpec(cfg.seed, cfg.zo.q, "round", 64).pool())
+    # 3 clients x 12 own seeds would be up to 36; shared, 12 draws from the pool of 64 (repeats merge)
+    assert all(1 <= len(seeds) <= 12 and set(seeds.tolist()) <= pool for _, seeds, _ in history), history
+    assert float(full["b"].abs().max()) > 1e-4
+
+    assert torch.equal(resumed["b"], full["b"])
+    cum = ("round", "ok", "uplink_bytes", "downlink_bytes", "cum_uplink_bytes", "cum_downlink_bytes")
+    assert [[r[k] for k in cum] for r in resumed["rounds"]] == [[r[k] for k in cum] for r in full["rounds"]]
+    got, want = resumed["summary"]["bytes"], full["summary"]["bytes"]
+    for key in ("train_up", "train_down", "evaluate_up", "evaluate_down"):
+        assert got[key] == want[key], key
+    assert got["setup_down"] == 2 * want["setup_down"]
+
+    after = set(_sampled(cfg, 3))
+    before = set(_sampled(cfg, 1)) | set(_sampled(cfg, 2))
+    rows = {r["partition"]: r for r in _clients(resumed["dir"])}
+    full_rows = {r["partition"]: r for r in _clients(full["dir"])}
+    fallback = [p for p in range(6) if p not in after]
+    assert fallback and any(p in before for p in fallback), "no client to fall back: the test would prove nothing"
+    for p in range(6):
+        if p in after:  # trained after the resume: its own B
+            assert rows[p]["personal_loss"] != rows[p]["global_loss"]
+        else:  # its personal B did not survive the restart
+            assert rows[p]["personal_loss"] == rows[p]["global_loss"]
+            if p in before:  # in the uninterrupted run it kept the B it trained
+                assert full_rows[p]["personal_loss"] != full_rows[p]["global_loss"]
+
+
+def _clients(run_dir) -> list[dict]:
+    with open(run_dir / "clients.csv") as f:
+        return [{k: (int(v) if k == "partition" else v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+@pytest.mark.slow
 def test_one_poisoned_client_in_ten_is_clipped_and_cannot_move_the_global_B(runs, caplog):
     """Tolerances. B: with the defence the poisoned global B stays within 2 x ||B_clean|| of the clean one (on the
     tiny model one client's share of a round is about as large as the whole clean B, and the clipped attacker counts
@@ -156,6 +222,7 @@ def test_one_poisoned_client_in_ten_is_clipped_and_cannot_move_the_global_B(runs
     assert gain > 0 and abs(loss["def"] - loss["clean"]) <= gain < abs(loss["undef"] - loss["clean"]), (zero, loss)
 
 
+@pytest.mark.slow
 def test_stragglers_miss_the_deadline_and_their_late_replies_are_dropped(tmp_path_factory, caplog):
     caplog.set_level(logging.WARNING, logger="fedprge.server")
     overrides = ["faults.straggler_rate=0.5", "faults.straggler_delay_s=1", "federation.timeout_s=4"]

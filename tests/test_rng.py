@@ -60,11 +60,26 @@ def test_tensor_hash_matches_python_hash():
     assert rng.hash32(xs).tolist() == [rng.hash32_int(x) for x in xs.tolist()]
 
 
-def test_derive_seed_is_deterministic_and_spread():
+def test_derive_seed_is_pinned_order_and_length_sensitive_and_spread():
+    # Seeds never travel: a deployed client and the server must derive the same ones, so the values are part of the
+    # protocol (docs/devices.md) and pinned here; a change to the mixing constants or the loop changes them.
+    assert [rng.derive_seed(7, 1, 2), rng.derive_seed(), rng.derive_seed(5)] == [992981802, 625341585, 2816560325]
+    assert rng.derive_seed(7, 1, 2) != rng.derive_seed(7, 2, 1)  # the order of the parts matters
+    assert rng.derive_seed(7, 1) != rng.derive_seed(7, 1, 0)  # so does their number (a trailing 0 is a part)
+    assert rng.derive_seed(2**32 + 5) == 1182899788 != rng.derive_seed(5)  # the high 32 bits of a part count
     seeds = {rng.derive_seed(7, r, c, s) for r in range(5) for c in range(20) for s in range(10)}
     assert len(seeds) == 1000
-    assert rng.derive_seed(7, 1, 2) == rng.derive_seed(7, 1, 2)
     assert all(0 <= s < 2**32 for s in seeds)
+    # spread: the top and the bottom bit are each set about half the time (binomial sd over 1000 draws: 16)
+    assert abs(sum(s >> 31 for s in seeds) - 500) < 80 and abs(sum(s & 1 for s in seeds) - 500) < 80
+
+
+def test_uniform_is_pinned_and_inside_the_open_unit_interval():
+    """The frozen A is drawn from it on every party: values pinned, and never exactly 0 or 1."""
+    pinned = [0.588408350944519, 0.07809469103813171, 0.1451391875743866, 0.7665778398513794]
+    assert rng.uniform(3, 4).tolist() == pinned
+    u = rng.uniform(11, 200_000)
+    assert float(u.min()) > 0 and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.005
 
 
 def test_bad_seeds_and_distribution_are_rejected():
@@ -72,7 +87,19 @@ def test_bad_seeds_and_distribution_are_rejected():
         rng.directions([2**32], 10)
     with pytest.raises(ValueError, match="-1"):
         rng.directions([-1], 10)
+    with pytest.raises(ValueError, match="seed 4294967296 is out of range"):  # 0 is a valid seed, not the bad one
+        rng.directions([0, 1, 2**32], 10)
+    rng.directions([0], 10)
     with pytest.raises(ValueError, match="'uniform'.*gaussian"):
         rng.directions([1], 10, "uniform")
     with pytest.raises(ValueError, match="non-negative"):
         rng.derive_seed(1, -2)
+
+
+def test_bits_of_a_seed_array_has_the_seeds_shape_plus_the_stream():
+    """bits(seeds, n, offset): shape seeds.shape + (n,), every stream a function of its seed and counter only."""
+    seeds = torch.tensor([[1, 2, 3], [4, 5, 2**32 - 1]])
+    out = rng.bits(seeds, 6, offset=10)
+    assert out.shape == (2, 3, 6)
+    assert torch.equal(out[1, 2], rng.bits(torch.tensor([2**32 - 1]), 16)[0, 10:])
+    assert torch.equal(out[0, 1], rng.bits(torch.tensor([2]), 6, offset=10)[0])

@@ -123,6 +123,8 @@ def load_federated(
     max_train_per_client: int | None = None,
     max_test_per_client: int | None = None,
     chunk_words: int = 48,
+    val_fraction: float = 0.0,
+    max_val_per_client: int | None = None,
 ) -> FederatedDataset:
     """Split ``task`` over ``num_clients`` clients; the same arguments always give the same split.
 
@@ -133,9 +135,16 @@ def load_federated(
     * ``"<path>.jsonl"``: see :mod:`fedprge.data.jsonl`; ``natural`` groups by the ``"client"`` field.
 
     Natural clients keep time order and test on their last ``test_fraction``; iid and dirichlet clients are
-    shuffled first. Each client then keeps at most ``max_train_per_client`` / ``max_test_per_client``.
+    shuffled first. Each client then keeps at most ``max_train_per_client`` / ``max_test_per_client``, after the
+    last ``val_fraction`` of its training examples (at most ``max_val_per_client``) became its validation split.
     """
-    limits = {"max_train_per_client": max_train_per_client, "max_test_per_client": max_test_per_client}
+    limits = {
+        "max_train_per_client": max_train_per_client,
+        "max_test_per_client": max_test_per_client,
+        "max_val_per_client": max_val_per_client,
+    }
+    if not _is_number(val_fraction) or not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction!r} is invalid; it must be a number in [0, 1)")
     _validate(task, num_clients, partition, alpha, seed, test_fraction, limits, chunk_words)
     rng = np.random.default_rng(seed)
     if task == "shakespeare":
@@ -150,4 +159,5 @@ def load_federated(
         clients = _pooled(tweets.tweet_examples(), num_clients, partition, alpha, test_fraction, rng)
     else:
         kind, clients = _jsonl(task, num_clients, partition, alpha, test_fraction, rng)
+    clients = parts.carve_validation(clients, val_fraction, max_val_per_client)
     return FederatedDataset(task, kind, parts.cap(clients, max_train_per_client, max_test_per_client))

@@ -100,3 +100,14 @@ def cap(clients: list[ClientDataset], max_train: int | None, max_test: int | Non
         c.train = c.train if max_train is None else c.train[:max_train]
         c.test = c.test if max_test is None else c.test[:max_test]
     return clients
+
+
+def carve_validation(clients: list[ClientDataset], val_fraction: float, max_val: int | None) -> list[ClientDataset]:
+    """Move the last ``val_fraction`` of each client's training examples (at most ``max_val``, at least one, and
+    never the last training example) into its validation split; the test split is not touched."""
+    for c in clients:
+        n = len(c.train)
+        k = min(n - 1, max(1, int(n * val_fraction + 0.5))) if val_fraction > 0 and n >= 2 else 0
+        k = k if max_val is None else min(k, max_val)
+        c.train, c.val = c.train[: n - k], c.train[n - k :]
+    return clients

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -20,11 +20,13 @@ class Example:
 
 @dataclass
 class ClientDataset:
-    """One client's local train and test examples."""
+    """One client's local examples: ``train`` (what training sees), ``val`` (carved from the training data to choose
+    personalization hyper-parameters; never trained on) and ``test`` (held out, only for the reported metrics)."""
 
     client_id: str
     train: list[Example]
     test: list[Example]
+    val: list[Example] = field(default_factory=list)
 
 
 @dataclass

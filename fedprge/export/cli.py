@@ -1,4 +1,8 @@
-"""``python -m fedprge.export``: write a P-RGE ExecuTorch program (.pte) and its sidecar spec (.json)."""
+"""``python -m fedprge.export``: write a P-RGE ExecuTorch program (.pte) and its sidecar spec (.json).
+
+``python -m fedprge.export adapters RUN_DIR [--merged] [--pte]``: write a finished (or checkpointed) run's
+B as standard PEFT LoRA adapters, optionally merged into the base model and exported for ExecuTorch inference.
+"""
 
 from __future__ import annotations
 
@@ -32,7 +36,45 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def adapters_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m fedprge.export adapters",
+        description="Write a run's global B (and any personal B it kept) as PEFT LoRA adapters with model cards.",
+    )
+    p.add_argument("run", help="run folder (config.yaml + global_b.pt, or checkpoint.pt of an unfinished run)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/adapters)")
+    p.add_argument("--merged", action="store_true", help="also the base model with the global adapter merged in")
+    p.add_argument("--pte", action="store_true", help="also an ExecuTorch next-token program of the merged model")
+    p.add_argument("--backend", choices=BACKENDS, default="xnnpack", help="backend of the --pte program")
+    p.add_argument("--max-len", type=int, default=128, help="static token length of the --pte program")
+    return p
+
+
+def adapters_main(argv: Sequence[str]) -> int:
+    from fedprge.export.peft_adapters import export_run
+
+    args = adapters_parser().parse_args(argv)
+    logging.getLogger("executorch").setLevel(logging.ERROR)
+    try:
+        result = export_run(
+            args.run, args.out, merged=args.merged, pte=args.pte, backend=args.backend, max_len=args.max_len
+        )
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for tag, folder in result.adapters.items():
+        print(f"wrote {tag} adapter: {folder}")
+    if result.merged is not None:
+        print(f"wrote merged model: {result.merged}")
+    if result.pte is not None:
+        print(f"wrote inference program: {result.pte} ({result.pte.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["adapters"]:
+        return adapters_main(argv[1:])
     args = parser().parse_args(argv)
     logging.getLogger("executorch").setLevel(logging.ERROR)
     try:

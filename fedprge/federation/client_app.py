@@ -1,19 +1,24 @@
 """Flower ClientApp: registration, local P-RGE training and evaluation, speaking :mod:`fedprge.federation.protocol`.
 
 Per-node state lives in ``context.state`` (it survives rounds in simulation and deployment): the run's
-config (from registration), the last synced global B and the round it reflects, and the personal B.
+config (from registration), the last synced global B and the round it reflects, the personal B (its last
+trained B) and, when a Ditto method is evaluated, its Ditto B (:mod:`fedprge.personalize`); none of them is sent.
 A SuperNode's node config may pick the client backend (``pte='/path/p.pte'``: an ExecuTorch client that loads no
 model; see :func:`fedprge.task.client_overrides`).
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedprge.export.run_folder import save_personal_b
 from fedprge.federation import faults
 from fedprge.federation.protocol import GlobalState, apply_coefficients, pack_f32
+from fedprge.personalize import TRAINED_IN_ROUNDS, personalize
 from fedprge.task import Task, client_overrides, load_task
 
 app = ClientApp()
@@ -67,6 +72,12 @@ def sync_global(task: Task, context: Context, msg: Message, keep: bool = True) -
     return b
 
 
+def held_b(context: Context, name: str) -> torch.Tensor | None:
+    """A B this node keeps for itself (``personal``: its last trained B; ``ditto``: its Ditto B), if any."""
+    held = context.state.get(name)
+    return torch.from_numpy(held["b"].numpy()).clone() if held is not None else None
+
+
 @app.query()
 def register(msg: Message, context: Context) -> Message:
     """Store the run's config, load model and data once, and report partition id and data size."""
@@ -95,6 +106,10 @@ def train(msg: Message, context: Context) -> Message:
     b = sync_global(task, context, msg)
     res = task.train(b, part, rnd)
     context.state["personal"] = ArrayRecord(array_dict={"b": Array(res.b.numpy())})
+    if any(m in TRAINED_IN_ROUNDS for m in task.cfg.eval.personalization):  # Ditto's personal B, never sent
+        start = held_b(context, "ditto")
+        ditto = task.ditto(b if start is None else start, b, part, rnd)
+        context.state["ditto"] = ArrayRecord(array_dict={"b": Array(ditto.numpy())})
     grads = faults.corrupt(res.projected_grads, fault.poison, task.cfg.faults.poison_scale)
     content = RecordDict(
         {
@@ -116,22 +131,22 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Metrics of the requested methods on this client's held-out data."""
     task, part = task_of(context), partition_of(context)
+    attempt = int(msg.content["eval"].get("attempt", 0))
+    fault = faults.eval_fault_for(task.cfg, part, attempt)  # injected evaluation faults (none by default)
+    if fault.drop:
+        return faults.eval_dropped_reply(msg, part, attempt)
+    time.sleep(fault.delay_s)
     b = sync_global(task, context, msg, keep=bool(msg.content["eval"].get("sync", True)))
     methods = list(msg.content["eval"]["methods"])
-    steps = task.cfg.eval.personal_steps
     metrics: dict[str, float] = {"partition": part, "num_examples": len(task.client(part).test)}
-    for method in methods:
-        if method == "global":
-            state = b
-        elif method == "finetune":
-            state = task.local_steps(b, part, steps, tag=1)
-        elif method == "local":  # no federation: the same step budget from the untuned model
-            state = task.local_steps(torch.zeros_like(b), part, steps, tag=2)
-        elif method == "personal":
-            held = context.state.get("personal")
-            state = torch.from_numpy(held["b"].numpy()) if held is not None else b
-        else:
-            raise ValueError(f"unknown evaluation method {method!r}")
-        for k, v in task.evaluate(state, part).items():
+    own = {name: held_b(context, name) for name in ("personal", "ditto")}
+    states = personalize(task, methods, b, part, own["personal"], own["ditto"])
+    if save := str(msg.content["eval"].get("save", "")):  # export.personal: keep this client's B for the export
+        save_personal_b(save, part, states[task.cfg.export.personal].b)
+    for method, p in states.items():
+        for k, v in task.evaluate(p.b, part).items():
             metrics[f"{method}_{k}"] = v
+        metrics.update({f"{method}_{k}": v for k, v in p.chosen.items()})
+        for steps, b_k in p.trail.items():  # eval.trace: the held-out metrics after each step budget
+            metrics.update({f"{method}@{steps}_{k}": v for k, v in task.evaluate(b_k, part).items()})
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

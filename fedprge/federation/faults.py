@@ -2,7 +2,7 @@
 
 Every decision is a pure function of the run seed, the round and the partition (``faults`` config section), so a
 faulty run is reproducible and the server-side tests can predict it. The faults act inside the real ClientApp
-(:mod:`fedprge.federation.client_app`), on ``train`` messages only:
+(:mod:`fedprge.federation.client_app`); drop, straggler and poison act on ``train`` messages only:
 
 * drop (``drop_rate``, per round and client): the client answers with a Flower error reply
   (``ErrorCode.NODE_UNAVAILABLE``) and does nothing else, as a phone that went offline.
@@ -12,6 +12,13 @@ faulty run is reproducible and the server-side tests can predict it. The faults 
   ``nan`` / ``inf``: non-finite scalars; ``huge``: every scalar +-1e30; ``wrong_count``: one scalar short;
   ``scaled``: the honest scalars times ``poison_scale`` (default -100: an amplified, sign-flipped update);
   ``count``: honest scalars, but a million times its real example count at registration and in replies.
+
+Evaluation faults act on ``evaluate`` messages, for a fixed set of clients (a function of the run seed and the
+partition), so the server's progress deadline and retries (``eval.timeout_s``, ``eval.retries``) can be tested:
+
+* slow evaluation (``eval_straggler_rate``): every evaluation reply of the client comes ``eval_delay_s`` late.
+* failed evaluation (``eval_drop_rate``): the client's first ``eval_drop_attempts`` attempts at an evaluation
+  (the ``attempt`` field of the message's ``eval`` record) answer with an error reply, as ``drop`` does.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from fedprge.config import RunConfig
 from fedprge.engine import rng
 
 _DROP, _STRAGGLE, _POISON = 7, 8, 9  # derive_seed domains (1-6 are taken by protocol.py and task.py)
+_EVAL = 10  # evaluation faults: derive_seed(seed, _EVAL, kind, partition), kind 0 = slow, 1 = failing
+_EVAL_SLOW, _EVAL_DROP = 0, 1
 HUGE = 1e30
 COUNT_FACTOR = 1_000_000
 
@@ -64,6 +73,28 @@ def fault_for(cfg: RunConfig, rnd: int, partition: int) -> Fault:
     straggle = not drop and f.straggler_rate > 0 and _uniform(cfg.seed, _STRAGGLE, rnd, partition) < f.straggler_rate
     poison = f.poison_kind if partition in poisoned_partitions(cfg) else None
     return Fault(drop, straggle, poison)
+
+
+@dataclass(frozen=True)
+class EvalFault:
+    """What goes wrong for one client at one attempt of an evaluation."""
+
+    drop: bool = False
+    delay_s: float = 0.0
+
+
+def eval_fault_for(cfg: RunConfig, partition: int, attempt: int = 0) -> EvalFault:
+    """The evaluation faults of client ``partition`` at attempt ``attempt`` (0: the first) of any evaluation."""
+    f = cfg.faults
+    failing = f.eval_drop_rate > 0 and _uniform(cfg.seed, _EVAL, _EVAL_DROP, partition) < f.eval_drop_rate
+    slow = f.eval_straggler_rate > 0 and _uniform(cfg.seed, _EVAL, _EVAL_SLOW, partition) < f.eval_straggler_rate
+    return EvalFault(failing and attempt < f.eval_drop_attempts, f.eval_delay_s if slow else 0.0)
+
+
+def eval_dropped_reply(msg: Message, partition: int, attempt: int) -> Message:
+    """The error reply of a client whose evaluation attempt failed."""
+    reason = f"injected fault: client {partition} failed evaluation attempt {attempt + 1}"
+    return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=reason), reply_to=msg)
 
 
 def dropped_reply(msg: Message, partition: int, rnd: int) -> Message:

@@ -9,8 +9,9 @@ Message types (Flower ``message_type``) and their content (``RecordDict`` keys):
   num_examples: int} and ``"metrics"`` MetricRecord{train_loss}. ``projected_grads`` are the
   local_steps x q float32 scalars, little-endian, step-major. No seed travels: each is
   :func:`step_seeds` (run seed, round, partition, step).
-* ``evaluate``: down ``"round"`` + ``"state"`` + ConfigRecord ``"eval"`` {methods: list[str]};
-  up MetricRecord ``"metrics"`` {<method>_loss, <method>_acc, num_examples}.
+* ``evaluate``: down ``"round"`` + ``"state"`` + ConfigRecord ``"eval"`` {methods: list[str], sync: bool,
+  attempt: int (0, then 1, 2, ... when the server re-sends the same evaluation)};
+  up MetricRecord ``"metrics"`` {partition, <method>_loss, <method>_acc, num_examples}.
 
 Every ``train`` / ``evaluate`` message has ``group_id = str(round)``; the server reads only the first reply of
 each node to a message it sent in the current round (``reply_to``), and never a seed from a client.

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from fedprge.config import RunConfig
 
+_UNSEEN = 12  # numpy seed domain of the unseen-client draw
+
+
+def unseen_clients(cfg: RunConfig, num_clients: int) -> list[int]:
+    """The fixed newcomers: ``round(eval.unseen_fraction * num_clients)`` indices that never train (sorted)."""
+    k = min(num_clients - 1, math.floor(cfg.eval.unseen_fraction * num_clients + 0.5))
+    if k <= 0:
+        return []
+    return sorted(int(i) for i in np.random.default_rng([cfg.seed, _UNSEEN]).choice(num_clients, k, replace=False))
+
 
 def sample_round(cfg: RunConfig, num_clients: int, rnd: int) -> list[int]:
-    """Sorted indices into the partition-ordered client list of those sampled in round ``rnd``."""
+    """Sorted indices into the partition-ordered client list of those sampled in round ``rnd`` (newcomers never)."""
     f = cfg.federation
-    k = min(num_clients, max(f.min_clients, int(np.ceil(f.fraction * num_clients))))
+    unseen = set(unseen_clients(cfg, num_clients))
+    pool = [i for i in range(num_clients) if i not in unseen]
+    k = min(len(pool), max(f.min_clients, int(np.ceil(f.fraction * len(pool)))))
     gen = np.random.default_rng([cfg.seed, rnd])
-    return sorted(int(i) for i in gen.choice(num_clients, size=k, replace=False))
+    return sorted(pool[int(i)] for i in gen.choice(len(pool), size=k, replace=False))

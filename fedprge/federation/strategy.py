@@ -17,6 +17,9 @@ counted in the round's row; a rejected reply never reaches the global B; the num
   a scalar count other than ``local_steps x q``, a non-finite scalar or train loss, or a scalar whose magnitude
   exceeds ``federation.max_abs_grad``. Seeds never travel up, so none can be forged: the server derives them.
 * Sampled clients without a reply by ``federation.timeout_s`` are counted ``late``; a late reply is never read.
+* An evaluation reply is refused when it is an error reply, comes from an unknown node or from another node than the
+  one addressed (forged), has malformed metrics or reports another partition (:meth:`PRGEStrategy.check_evaluation`);
+  ``server_app.evaluate`` re-sends to such clients and reports those it could not evaluate.
 * Norm bound: a client whose projected-gradient vector has an L2 norm above ``federation.norm_bound`` x the lower
   median norm of the round's accepted clients is scaled down to that norm (with one client there is no reference).
 * ``federation.aggregation``: ``mean`` is the example-weighted mean. With ``seed_scope=round`` every client of a
@@ -207,12 +210,18 @@ class PRGEStrategy(Strategy):
         grid: Grid,
         methods: Iterable[str] = ("global",),
         clients: list[Client] | None = None,
+        attempt: int = 0,
+        save: str = "",
     ) -> Iterable[Message]:
+        """Evaluate messages for ``clients`` (default: all); ``attempt`` counts the retries of the same evaluation
+        (a retried client gets the same state, so it computes the same numbers); ``save``: the run folder where
+        each client keeps its ``export.personal`` B (empty: none)."""
         sync, out = self.cfg.eval.sync, []
         for c in clients if clients is not None else self.clients:
             state = self.state_for(c.partition, server_round + 1, None if sync else "weights")
             msg = self._message(grid, c, server_round + 1, "evaluate", state)
-            msg.content["eval"] = ConfigRecord({"methods": list(methods), "sync": sync})
+            fields = {"methods": list(methods), "sync": sync, "attempt": attempt}
+            msg.content["eval"] = ConfigRecord({**fields, "save": save} if save else fields)
             out.append(msg)
         return out
 
@@ -231,35 +240,46 @@ class PRGEStrategy(Strategy):
     def evaluation_rows(
         self, server_round: int, replies: Iterable[Message], sent: list[Message] | None = None
     ) -> list[dict[str, float]]:
-        """Per-client metric rows of evaluation replies. ``sent`` (the evaluate messages) names the node of an
-        error reply: one made by the SuperLink for an unreachable node carries the SuperLink's id as source."""
+        """Per-client metric rows of the accepted evaluation replies (the first per client), by partition.
+        ``sent`` (the evaluate messages) names the node of an error reply: one made by the SuperLink for an
+        unreachable node carries the SuperLink's id as source."""
         addressed = {m.metadata.message_id: m.metadata.dst_node_id for m in sent or []}
-        rows = []
+        rows: dict[int, dict[str, float]] = {}
         for r in replies:
-            node = addressed.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
-            c = self.by_node.get(node)
-            why = r.error.reason if r.has_error() else None
-            if why is None and c is None:
-                why = "unknown node"
-            elif why is None and node != r.metadata.src_node_id:
-                why = f"the reply comes from node {r.metadata.src_node_id} (forged)"
-            if why is not None:
-                log.warning("evaluation failed on node %s: %s", node, why)
-                continue
-            try:
-                row = {str(k): float(v) for k, v in r.content["metrics"].items()}
-            except (KeyError, TypeError, ValueError) as e:
-                log.warning("evaluation of client %d rejected: malformed metrics (%s)", c.partition, e)
-                continue
+            c, row, _ = self.check_evaluation(server_round, r, addressed)
+            if c is not None and row is not None:
+                rows.setdefault(c.partition, row)
+        return [rows[p] for p in sorted(rows)]
+
+    def check_evaluation(
+        self, server_round: int, r: Message, addressed: dict[str, int]
+    ) -> tuple[Client | None, dict[str, float] | None, str | None]:
+        """One evaluation reply: (client it answers, metric row, None) when accepted, else (client or None, None,
+        why). ``addressed``: message id -> node of the evaluate messages sent. An accepted reply syncs the client
+        (``eval.sync``); every refusal is logged."""
+        node = addressed.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
+        c = self.by_node.get(node)
+        why = r.error.reason if r.has_error() else None
+        if why is None and c is None:
+            why = "unknown node"
+        elif why is None and node != r.metadata.src_node_id:
+            why = f"the reply comes from node {r.metadata.src_node_id} (forged)"
+        if why is not None:
+            log.warning("evaluation failed on node %s: %s", node, why)
+            return c, None, why
+        try:
+            row = {str(k): float(v) for k, v in r.content["metrics"].items()}
+        except (KeyError, TypeError, ValueError) as e:
+            why = f"malformed metrics ({e})"
+        else:
             if row.get("partition") != c.partition:
-                log.warning(
-                    "evaluation of client %d rejected: it reports partition %s", c.partition, row.get("partition")
-                )
-                continue
-            if self.cfg.eval.sync:
-                self.synced[c.partition] = server_round
-            rows.append(row)
-        return sorted(rows, key=lambda row: row["partition"])
+                why = f"it reports partition {row.get('partition')}"
+        if why is not None:
+            log.warning("evaluation of client %d rejected: %s", c.partition, why)
+            return c, None, why
+        if self.cfg.eval.sync:
+            self.synced[c.partition] = server_round
+        return c, row, None
 
     def _reject(self, stats: RoundStats, who: str, reason: str) -> None:
         stats.rejected.append(f"{who}: {reason}")

@@ -1,0 +1,80 @@
+"""Personalization: how a client turns the global B, and what it kept for itself, into its own B.
+
+Every method runs on the client with forwards only (P-RGE steps and validation losses) and nothing it produces
+travels: the uplink stays the training scalars. The hyper-parameters (how many local steps, how much to mix) are
+chosen per client on its validation split, carved from its training data (``data.val_fraction``), never on test.
+
+| method     | the client's B                                                                                 |
+|------------|------------------------------------------------------------------------------------------------|
+| `global`   | the federation's global B                                                                      |
+| `finetune` | global B + up to ``eval.personal_steps`` local steps, the count chosen on validation (0 allowed) |
+| `local`    | zero B + the same, no federation at all                                                        |
+| `personal` | the B the client ended its last training round with (global if it never trained)              |
+| `ditto`    | Ditto: a personal B trained next to the global one every round the client is sampled, pulled   |
+|            | toward the round's global B by ``eval.ditto_lambda``; a newcomer gets ``personal_steps`` such steps |
+| `mix`      | APFL-style ``(1 - a) * global + a * ditto`` with ``a`` in :data:`MIX_WEIGHTS` chosen on validation |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from fedprge.task import Task
+
+MIX_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+TRAINED_IN_ROUNDS = ("ditto", "mix")  # methods whose clients keep a Ditto B while the federation trains
+_FINETUNE, _LOCAL, _NEWCOMER = 1, 2, 3  # private seed tags of the local steps
+
+
+@dataclass
+class Personalized:
+    b: torch.Tensor
+    chosen: dict[str, float] = field(default_factory=dict)  # the hyper-parameters picked on validation
+    trail: dict[int, torch.Tensor] = field(default_factory=dict)  # eval.trace: the state after k local steps
+
+
+def personalize(
+    task: Task,
+    methods: list[str],
+    b_global: torch.Tensor,
+    partition: int,
+    personal: torch.Tensor | None = None,
+    ditto: torch.Tensor | None = None,
+) -> dict[str, Personalized]:
+    """The B of every requested method for client ``partition`` (see the module table)."""
+    steps, out = task.cfg.eval.personal_steps, {}
+
+    def ditto_b() -> torch.Tensor:
+        if "ditto" not in out:
+            b = ditto if ditto is not None else task.local_steps(b_global, partition, steps, _NEWCOMER, b_global)
+            out["ditto"] = Personalized(b, {"trained": float(ditto is not None)})
+        return out["ditto"].b
+
+    for method in methods:
+        if method == "global":
+            out[method] = Personalized(b_global)
+        elif method in ("finetune", "local"):
+            start, tag = (b_global, _FINETUNE) if method == "finetune" else (torch.zeros_like(b_global), _LOCAL)
+            trail: dict[int, torch.Tensor] | None = {} if task.cfg.eval.trace else None
+            b, k = task.adapt(start, partition, steps, tag, trail=trail)
+            out[method] = Personalized(b, {"steps": k}, trail or {})
+        elif method == "personal":
+            out[method] = Personalized(personal if personal is not None else b_global)
+        elif method == "ditto":
+            ditto_b()
+        elif method == "mix":
+            out[method] = mix(task, b_global, ditto_b(), partition)
+        else:
+            raise ValueError(f"unknown personalization method {method!r}")
+    return {m: out[m] for m in methods}
+
+
+def mix(task: Task, b_global: torch.Tensor, b_own: torch.Tensor, partition: int) -> Personalized:
+    """``(1 - a) b_global + a b_own`` with the weight ``a`` of lowest validation loss (global without a split)."""
+    if not task.client(partition).val:
+        return Personalized(b_global, {"alpha": 0.0})
+    scored = [(task.validation_loss(torch.lerp(b_global, b_own, a), partition), a) for a in MIX_WEIGHTS]
+    _, a = min(scored)
+    return Personalized(torch.lerp(b_global, b_own, a), {"alpha": a})
