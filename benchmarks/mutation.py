@@ -64,6 +64,7 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("rng.py", "directions", "1 -> 2"): CHUNKS + " (max(1, len(seeds)) guards a division for zero seeds)",
     ("rng.py", "directions", "drop unary not"): "list(seeds) or seeds: torch.as_tensor reads both the same",
     ("defences.py", "check_reply", "0.0 -> 1.0"): "the peak of an empty reply: decode_grads never returns one",
+    ("estimator.py", "clip_rms", "> -> >="): "at rms == clip the factor is clip / rms = 1: the same g",
     ("estimator.py", "clip_rms", "1.0 -> 2.0"): "clamp(clip / rms, max=1) runs only when rms > clip: never above 1",
     ("strategy.py", "_combine", "0 -> 1"): "k is read only by trimmed_mean; clients[0] or [1]: shared seeds are equal",
     ("strategy.py", "_combine", "and -> or"): "trimming k = 0 clients trims none (and k is 0 unless trimmed_mean)",

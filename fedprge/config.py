@@ -17,7 +17,7 @@ from fedprge.engine.shared_base import PRECISIONS
 DOWNLINKS = ("weights", "seeds", "pool")
 ALGORITHMS = ("prge", "fedavg_lora_fa", "fedavg_lora", "fedavg_full")
 SEED_SCOPES = ("client", "round")
-PERSONALIZATION = ("global", "local", "finetune", "personal", "ditto", "mix")
+PERSONALIZATION = ("global", "local", "finetune", "personal", "ditto", "mix", "prior")
 CLIENT_BACKENDS = ("eager", "executorch")
 AGGREGATIONS = ("mean", "trimmed_mean", "median")
 CATCHUPS = ("auto", "seeds")

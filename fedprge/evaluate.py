@@ -19,9 +19,11 @@ def evaluate(
     max_len: int,
     batch_size: int = 16,
     with_acc: bool = True,
+    label_bias: Sequence[float] | None = None,
 ) -> dict[str, float]:
     """``loss`` (mean NLL per target token), ``ppl``; for examples with choices (and ``with_acc``) also ``acc``: the
-    label word with the highest log-likelihood must be the target (scored by the same forward as training)."""
+    label word with the highest log-likelihood must be the target (scored by the same forward as training);
+    ``label_bias`` (one per choice) is added to the choices' log-likelihoods first (a client's label prior)."""
     if not examples:
         return {}
     total, count = 0.0, 0
@@ -32,17 +34,22 @@ def evaluate(
     out = {"loss": total / max(count, 1)}
     out["ppl"] = math.exp(min(out["loss"], 50.0))
     if with_acc and examples[0].choices:
-        k = len(examples[0].choices)
-        cands = [Example(ex.prompt, c, ex.choices) for ex in examples for c in ex.choices]
-        scores = torch.cat(
-            [
-                _mean_nll(backend, tokenizer, b, cands[i : i + batch_size], max_len)
-                for i in range(0, len(cands), batch_size)
-            ]
-        ).reshape(len(examples), k)
+        scores = choice_scores(backend, tokenizer, b, examples, max_len, batch_size)
+        if label_bias is not None:
+            scores = scores - torch.tensor(label_bias, dtype=scores.dtype)
         pred = scores.argmin(1).tolist()
         out["acc"] = sum(ex.choices[p] == ex.target for ex, p in zip(examples, pred, strict=True)) / len(examples)
     return out
+
+
+def choice_scores(
+    backend: Backend, tokenizer, b: torch.Tensor, examples: Sequence[Example], max_len: int, batch_size: int = 16
+) -> torch.Tensor:
+    """(examples, choices): the mean NLL per token of each choice after each example's prompt (lower: likelier)."""
+    cands = [Example(ex.prompt, c, ex.choices) for ex in examples for c in ex.choices]
+    return torch.cat(
+        [_mean_nll(backend, tokenizer, b, cands[i : i + batch_size], max_len) for i in range(0, len(cands), batch_size)]
+    ).reshape(len(examples), len(examples[0].choices))
 
 
 def _mean_nll(backend: Backend, tokenizer, b: torch.Tensor, examples: Sequence[Example], max_len: int):

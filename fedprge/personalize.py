@@ -13,6 +13,10 @@ chosen per client on its validation split, carved from its training data (``data
 | `ditto`    | Ditto: a personal B trained next to the global one every round the client is sampled, pulled   |
 |            | toward the round's global B by ``eval.ditto_lambda``; a newcomer gets ``personal_steps`` such steps |
 | `mix`      | APFL-style ``(1 - a) * global + a * ditto`` with ``a`` in :data:`MIX_WEIGHTS` chosen on validation |
+| `prior`    | classification: ``finetune``'s B, and its label decision shifted by the client's own label prior:   |
+|            | log p(label | x) + tau * log pi(label), pi the add-one-smoothed label frequencies of its training   |
+|            | examples, tau in :data:`PRIOR_WEIGHTS` chosen on validation (a 3-parameter personal head, fit by   |
+|            | counting); language modelling: ``finetune``                                                      |
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from fedprge.task import Task
 
 MIX_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+PRIOR_WEIGHTS = (0.0, 0.5, 1.0, 2.0)
 TRAINED_IN_ROUNDS = ("ditto", "mix")  # methods whose clients keep a Ditto B while the federation trains
 _FINETUNE, _LOCAL, _NEWCOMER = 1, 2, 3  # private seed tags of the local steps
 
@@ -33,6 +39,7 @@ class Personalized:
     b: torch.Tensor
     chosen: dict[str, float] = field(default_factory=dict)  # the hyper-parameters picked on validation
     trail: dict[int, torch.Tensor] = field(default_factory=dict)  # eval.trace: the state after k local steps
+    label_bias: list[float] | None = None  # added to the choices' log-likelihoods before the decision ("prior")
 
 
 def personalize(
@@ -60,6 +67,9 @@ def personalize(
             trail: dict[int, torch.Tensor] | None = {} if task.cfg.eval.trace else None
             b, k = task.adapt(start, partition, steps, tag, trail=trail)
             out[method] = Personalized(b, {"steps": k}, trail or {})
+        elif method == "prior":
+            tuned = out["finetune"].b if "finetune" in out else task.adapt(b_global, partition, steps, _FINETUNE)[0]
+            out[method] = prior(task, tuned, partition)
         elif method == "personal":
             out[method] = Personalized(personal if personal is not None else b_global)
         elif method == "ditto":
@@ -78,3 +88,18 @@ def mix(task: Task, b_global: torch.Tensor, b_own: torch.Tensor, partition: int)
     scored = [(task.validation_loss(torch.lerp(b_global, b_own, a), partition), a) for a in MIX_WEIGHTS]
     _, a = min(scored)
     return Personalized(torch.lerp(b_global, b_own, a), {"alpha": a})
+
+
+def prior(task: Task, b: torch.Tensor, partition: int) -> Personalized:
+    """``b`` with the label-prior shift of the module table (``b`` alone for language modelling)."""
+    c = task.client(partition)
+    if not (c.train and c.train[0].choices and c.val):
+        return Personalized(b)
+    choices = c.train[0].choices
+    counts = torch.tensor([sum(ex.target == ch for ex in c.train) for ch in choices], dtype=torch.float32)
+    log_pi = torch.log((counts + 1) / (counts.sum() + len(choices)))
+    logits = -task.choice_scores(b, c.val)  # the choices' mean log-likelihoods, (val, choices)
+    target = torch.tensor([choices.index(ex.target) for ex in c.val])
+    xent = {t: float(F.cross_entropy(logits + t * log_pi, target)) for t in PRIOR_WEIGHTS}
+    tau = min(PRIOR_WEIGHTS, key=lambda t: (xent[t], t))
+    return Personalized(b, {"tau": tau}, label_bias=(tau * log_pi).tolist())

@@ -24,7 +24,7 @@ from fedprge.engine import rng
 from fedprge.engine.adapters import LoRAFA
 from fedprge.engine.backend import Backend, EagerBackend
 from fedprge.engine.estimator import StepRecord, ZOConfig, finish_step, prge_step
-from fedprge.evaluate import evaluate
+from fedprge.evaluate import choice_scores, evaluate
 from fedprge.federation.protocol import SeedSpec, step_seeds
 
 _BATCH_DOMAIN, _PERSONAL_DOMAIN, _DITTO_DOMAIN = 5, 6, 11
@@ -170,8 +170,13 @@ class Task:
         new_b, rec = prge_step(loss_fn, b, seeds, self.zo)
         return new_b, rec, float(seen[-1].mean())
 
-    def evaluate(self, b: torch.Tensor, partition: int) -> dict[str, float]:
-        return evaluate(self.backend, self.tokenizer, b, self.client(partition).test, self.cfg.data.max_len)
+    def evaluate(self, b: torch.Tensor, partition: int, label_bias: list[float] | None = None) -> dict[str, float]:
+        test = self.client(partition).test
+        return evaluate(self.backend, self.tokenizer, b, test, self.cfg.data.max_len, label_bias=label_bias)
+
+    def choice_scores(self, b: torch.Tensor, examples: list) -> torch.Tensor:
+        """(examples, choices) mean NLL of each label word: what a classification decision compares."""
+        return choice_scores(self.backend, self.tokenizer, b, examples, self.cfg.data.max_len)
 
 
 def load_data(cfg: RunConfig) -> FederatedDataset:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-METHODS = ["global", "finetune", "local", "personal", "ditto", "mix"]
+METHODS = ["global", "finetune", "local", "personal", "ditto", "mix", "prior"]
 COMMON = [
     f"eval.personalization=[{','.join(METHODS)}]",
     "eval.unseen_fraction=0.2",
@@ -156,7 +156,7 @@ def plot(runs: dict[str, list[Path]], path: Path) -> None:
     for (setting, folders), (ax1, ax2) in zip(runs.items(), axes, strict=True):
         summaries = [read_run(f) for f in folders]
         metric, higher = summaries[0][0]["metric"], summaries[0][0]["higher_is_better"]
-        for method, marker in (("finetune", "o"), ("mix", "^"), ("local", "x")):
+        for method, marker in (("finetune", "o"), ("mix", "^"), ("prior", "s"), ("local", "x")):
             xs = [r[f"global_{metric}"] for _, rows, _ in summaries for r in rows]
             ys = [r[f"{method}_{metric}"] for _, rows, _ in summaries for r in rows]
             ax1.scatter(xs, ys, s=14, marker=marker, alpha=0.6, label=method)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 from fedprge.config import load_config, to_yaml
 from fedprge.data import load_federated
@@ -18,7 +19,7 @@ from fedprge.engine.estimator import ZOConfig, clip_rms, finish_step
 from fedprge.federation import client_app
 from fedprge.federation.protocol import GlobalState, step_seeds
 from fedprge.federation.sampling import sample_round, unseen_clients
-from fedprge.personalize import MIX_WEIGHTS, mix, personalize
+from fedprge.personalize import MIX_WEIGHTS, PRIOR_WEIGHTS, mix, personalize, prior
 from fedprge.results import RunWriter
 from fedprge.simulate import simulate
 from fedprge.task import Task, checkpoints
@@ -139,7 +140,16 @@ def test_personalization_changes_neither_the_uplink_nor_the_federation_and_newco
     assert clients[new]["ditto_trained"] == 0.0 and all(clients[p]["ditto_trained"] == 1.0 for p in clients if p != new)
 
 
-def test_the_train_reply_carries_only_the_scalars_while_the_ditto_b_stays_home():
+@pytest.fixture
+def identity():
+    """Flower stamps run/task/node ids on every Message it builds; outside a run they must be set by hand."""
+    saved = TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 7
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+def test_the_train_reply_carries_only_the_scalars_while_the_ditto_b_stays_home(identity):
     cfg = load_config([SMOKE], [ALL])
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     context.state["setup"] = ConfigRecord({"config": to_yaml(cfg)})
@@ -153,3 +163,35 @@ def test_the_train_reply_carries_only_the_scalars_while_the_ditto_b_stays_home()
     ditto = context.state["ditto"]["b"].numpy()
     assert np.abs(ditto).sum() > 0 and ditto.tobytes() not in bytes(reply.content["update"]["projected_grads"])
     assert len(step_seeds(client_app.task_of(context).spec, 1, 0, 0)) == q
+
+
+@pytest.mark.slow
+def test_export_personal_keeps_each_clients_personalized_b_and_writes_its_peft_adapter(tmp_path):
+    over = ["eval.every=0", "eval.personalization=[global,finetune]", "export.personal=finetune"]
+    cfg = load_config([SMOKE], [f"name={'pers'}", *over])
+    writer = RunWriter(cfg, out=tmp_path / "pers", progress=False)
+    simulate(cfg, writer)
+    task, b_global = Task(cfg), torch.load(writer.dir / "global_b.pt")
+    for p in range(cfg.federation.clients):
+        kept = torch.load(writer.dir / "personal" / f"client-{p}.pt")
+        want, _ = task.adapt(b_global, p, cfg.eval.personal_steps, tag=1)  # what the client's finetune computed
+        assert torch.equal(kept, want), p
+        assert (writer.dir / "adapters" / f"client-{p}" / "adapter_model.safetensors").exists()
+
+
+def test_prior_shifts_the_decision_by_the_clients_own_label_frequencies():
+    tw = Task(load_config([SMOKE], ["data.task=tweets", "data.partition=dirichlet", "data.alpha=0.1"]))
+    b = torch.zeros(tw.num_params)
+    c = tw.client(3)
+    got = prior(tw, b, 3)
+    counts = torch.tensor([sum(ex.target == ch for ex in c.train) for ch in c.train[0].choices], dtype=torch.float32)
+    log_pi = torch.log((counts + 1) / (counts.sum() + 3))
+    logits, target = -tw.choice_scores(b, c.val), torch.tensor([c.train[0].choices.index(e.target) for e in c.val])
+    xent = {t: float(torch.nn.functional.cross_entropy(logits + t * log_pi, target)) for t in PRIOR_WEIGHTS}
+    assert got.chosen["tau"] == min(xent, key=xent.get) > 0  # this client is skewed: its prior helps on validation
+    torch.testing.assert_close(torch.tensor(got.label_bias), got.chosen["tau"] * log_pi)
+    scores = tw.choice_scores(b, c.test) - torch.tensor(got.label_bias)
+    want = sum(c.test[i].choices[j] == c.test[i].target for i, j in enumerate(scores.argmin(1).tolist())) / len(c.test)
+    assert tw.evaluate(b, 3, got.label_bias)["acc"] == want
+    assert tw.evaluate(b, 3, got.label_bias)["loss"] == tw.evaluate(b, 3)["loss"]  # the shift is a decision rule only
+    assert prior(Task(load_config([SMOKE])), b, 0).label_bias is None  # language modelling: nothing to shift

@@ -144,7 +144,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     if save := str(msg.content["eval"].get("save", "")):  # export.personal: keep this client's B for the export
         save_personal_b(save, part, states[task.cfg.export.personal].b)
     for method, p in states.items():
-        for k, v in task.evaluate(p.b, part).items():
+        for k, v in task.evaluate(p.b, part, p.label_bias).items():
             metrics[f"{method}_{k}"] = v
         metrics.update({f"{method}_{k}": v for k, v in p.chosen.items()})
         for steps, b_k in p.trail.items():  # eval.trace: the held-out metrics after each step budget
