@@ -21,7 +21,7 @@ from fedprge.config import RunConfig, to_yaml
 from fedprge.federation.sampling import unseen_clients
 
 if TYPE_CHECKING:
-    from fedprge.federation.server_app import Traffic
+    from fedprge.federation.traffic import Traffic
 
 log = logging.getLogger("fedprge.results")
 

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from fedprge.config import load_config
 from fedprge.federation import faults
-from fedprge.federation.server_app import Traffic
+from fedprge.federation.traffic import Traffic
 from fedprge.results import RunWriter
 from fedprge.simulate import simulate
 

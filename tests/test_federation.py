@@ -221,6 +221,7 @@ def test_a_users_ray_session_is_neither_joined_nor_stopped(tmp_path, monkeypatch
     before = bystander.core()
     monkeypatch.setenv("RAY_TMPDIR", bystander.temp)  # the user's session is this process's "current cluster"
     summary, rounds = run(tmp_path, "beside", "federation.rounds=1")
+    time.sleep(5)  # a signal sent to the user's session when our Ray shut down would have taken effect by now
     assert [int(r["ok"]) for r in rounds] == [2] and summary["clients_evaluated"] == 4
     assert len(before) >= 2 and bystander.alive() and before == bystander.core()
 
@@ -234,6 +235,7 @@ def test_attaches_to_an_existing_ray_cluster(tmp_path, bystander):
         summary, rounds = run(tmp_path, "cluster", f"sim.ray_address=127.0.0.1:{head.port}")
     finally:
         head.stop()
+    time.sleep(5)  # a signal sent to the bystander by the cleanup would have taken effect by now
     assert [int(r["ok"]) for r in rounds] == [2, 2, 2]
     assert summary["clients_evaluated"] == 4
     assert bystander.alive() and before == bystander.core(), "the test stopped a Ray session it did not start"

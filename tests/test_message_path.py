@@ -37,8 +37,9 @@ from flwr.serverapp import Grid, ServerApp
 from fedprge.config import load_config, to_yaml
 from fedprge.engine import rng
 from fedprge.federation.protocol import GlobalState, SeedSpec, step_seeds, unpack_f32
-from fedprge.federation.server_app import Traffic, accept_registrations, register, wait_for_nodes
+from fedprge.federation.server_app import accept_registrations, register, wait_for_nodes
 from fedprge.federation.strategy import PRGEStrategy
+from fedprge.federation.traffic import Traffic
 
 N, UNKNOWN, STRAGGLER, DROPPER = 11, 10, 2, 9
 POISON = {3: "nan", 4: "inf", 5: "huge", 6: "wrong_count", 7: "scaled", 8: "count"}

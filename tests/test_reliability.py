@@ -151,11 +151,11 @@ def test_shared_seeds_median_and_a_resumed_pool_run_end_to_end(tmp_path_factory,
     `personal` to the global B, while clients that trained keep their own."""
     caplog.set_level(logging.INFO, logger="fedprge.server")
     cfg = _cfg(*SHARED_POOL)
-    full = _run(tmp_path_factory, "full", *SHARED_POOL)
+    full = _run(tmp_path_factory, "pool", *SHARED_POOL)  # the same name: it travels in the messages' bytes
     run_dir = tmp_path_factory.mktemp("stopped")
     with pytest.raises(RuntimeError, match="stopped after round 2"):
-        _run(tmp_path_factory, "stopped", *SHARED_POOL, "federation.stop_after=2", out=run_dir)
-    resumed = _run(tmp_path_factory, "stopped", *SHARED_POOL, out=run_dir, resume=True)
+        _run(tmp_path_factory, "pool", *SHARED_POOL, "federation.stop_after=2", out=run_dir)
+    resumed = _run(tmp_path_factory, "pool", *SHARED_POOL, out=run_dir, resume=True)
     assert "after round 2; every node starts unsynced" in caplog.text
 
     errors = [float(r["reconstruction_error"]) for r in full["rounds"]]

@@ -24,7 +24,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedprge.config import RunConfig, to_yaml
 from fedprge.federation.sampling import sample_round
-from fedprge.federation.server_app import Traffic, wait_for_nodes
+from fedprge.federation.server_app import wait_for_nodes
+from fedprge.federation.traffic import Traffic
 from fedprge.results import RunWriter
 from fedprge.task import Task, load_task
 

@@ -19,7 +19,7 @@ counted in the round's row; a rejected reply never reaches the global B; the num
 * Sampled clients without a reply by ``federation.timeout_s`` are counted ``late``; a late reply is never read.
 * An evaluation reply is refused when it is an error reply, comes from an unknown node or from another node than the
   one addressed (forged), has malformed metrics or reports another partition (:meth:`PRGEStrategy.check_evaluation`);
-  ``server_app.evaluate`` re-sends to such clients and reports those it could not evaluate.
+  ``evaluation.evaluate`` re-sends to such clients and reports those it could not evaluate.
 * Norm bound: a client whose projected-gradient vector has an L2 norm above ``federation.norm_bound`` x the lower
   median norm of the round's accepted clients is scaled down to that norm (with one client there is no reference).
 * ``federation.aggregation``: ``mean`` is the example-weighted mean. With ``seed_scope=round`` every client of a
