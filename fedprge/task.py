@@ -24,6 +24,7 @@ from fedprge.engine import rng
 from fedprge.engine.adapters import LoRAFA
 from fedprge.engine.backend import Backend, EagerBackend
 from fedprge.engine.estimator import StepRecord, ZOConfig, finish_step, prge_step
+from fedprge.engine.shared_base import resolve_precision
 from fedprge.evaluate import choice_scores, evaluate
 from fedprge.federation.protocol import SeedSpec, step_seeds
 
@@ -206,7 +207,8 @@ def make_backend(cfg: RunConfig) -> tuple[Backend, object]:
     from fedprge.models import load_model
 
     model, tokenizer = load_model(cfg.model.name, dtype=getattr(torch, cfg.model.dtype), seed=cfg.seed)
-    return EagerBackend(model, LoRAFA(model, cfg.lora_config()), precision=cfg.model.precision), tokenizer
+    precision = resolve_precision(cfg.model.precision) if cfg.model.dtype == "float32" else "float32"
+    return EagerBackend(model, LoRAFA(model, cfg.lora_config()), precision=precision), tokenizer
 
 
 def client_overrides(node_config: dict) -> tuple[str | None, str | None]:

@@ -167,12 +167,17 @@ def test_shared_seeds_median_and_a_resumed_pool_run_end_to_end(tmp_path_factory,
     assert float(full["b"].abs().max()) > 1e-4
 
     assert torch.equal(resumed["b"], full["b"])
-    cum = ("round", "ok", "uplink_bytes", "downlink_bytes", "cum_uplink_bytes", "cum_downlink_bytes")
-    assert [[r[k] for k in cum] for r in resumed["rounds"]] == [[r[k] for k in cum] for r in full["rounds"]]
+    # traffic continues across the resume: the counters restored from the checkpoint hold rounds 1-2, so the totals
+    # are the sums over all three rounds, and within 0.1% of the uninterrupted run's (Flower's random run and message
+    # ids make a message a byte longer or shorter from run to run; one round is ~33% of the total)
     got, want = resumed["summary"]["bytes"], full["summary"]["bytes"]
-    for key in ("train_up", "train_down", "evaluate_up", "evaluate_down"):
-        assert got[key] == want[key], key
-    assert got["setup_down"] == 2 * want["setup_down"]
+    for key, col in (("train_up", "uplink_bytes"), ("train_down", "downlink_bytes")):
+        assert got[key] == sum(int(r[col]) for r in resumed["rounds"]), key
+        assert int(resumed["rounds"][-1][f"cum_{col}"]) == got[key]
+        assert abs(got[key] - want[key]) <= 1e-3 * want[key], (key, got[key], want[key])
+    for key in ("evaluate_up", "evaluate_down"):
+        assert abs(got[key] - want[key]) <= 1e-3 * want[key], (key, got[key], want[key])
+    assert abs(got["setup_down"] - 2 * want["setup_down"]) <= 1e-3 * want["setup_down"]  # registered twice
 
     after = set(_sampled(cfg, 3))
     before = set(_sampled(cfg, 1)) | set(_sampled(cfg, 2))

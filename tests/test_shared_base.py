@@ -77,3 +77,14 @@ def test_a_run_config_selects_it_and_local_training_stays_close_to_float32():
     g_ref, g = torch.from_numpy(ref.projected_grads), torch.from_numpy(got.projected_grads)
     assert g.shape == g_ref.shape == (3, 4)
     assert (g - g_ref).norm() / g_ref.norm() < 0.05, (g, g_ref)
+
+
+def test_auto_precision_follows_the_machines_bf16_units():
+    from fedprge.engine.shared_base import resolve_precision
+
+    flags = set(open("/proc/cpuinfo").read().split())  # noqa: SIM115 - a one-shot read
+    bf16 = torch.cuda.is_available() or bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert resolve_precision("auto") == ("shared-bf16" if bf16 else "float32")
+    assert [resolve_precision(p) for p in ("float32", "shared-bf16")] == ["float32", "shared-bf16"]
+    with pytest.raises(ValueError, match="precision='bf16'.*auto"):
+        resolve_precision("bf16")

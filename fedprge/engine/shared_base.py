@@ -16,11 +16,33 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
 
 PRECISIONS = ("float32", "shared-bf16")
+PRECISION_CHOICES = ("auto", *PRECISIONS)  # config: "auto" is resolved on the machine that runs the forward
+
+
+def has_bf16_units() -> bool:
+    """bf16 matrix units: a CUDA device, or a CPU with AVX-512 BF16 or AMX-BF16 (its /proc/cpuinfo flags)."""
+    if torch.cuda.is_available():
+        return True
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto``: shared-bf16 where the hardware has bf16 units (see :func:`has_bf16_units`), float32 elsewhere."""
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"precision={precision!r} is invalid; choose one of {PRECISION_CHOICES}")
+    if precision != "auto":
+        return precision
+    return "shared-bf16" if has_bf16_units() else "float32"
 
 
 class SharedBaseLinear(nn.Module):
