@@ -44,9 +44,10 @@ def test_compare_writes_table_markdown_json_and_plot(compared):
     assert f"target loss {target:.4f}" in (out / "compare.md").read_text()
     for m, c in curves.items():
         assert float(rows[m]["bytes_to_target"]) == next(b for b, loss in c if loss <= target), m
-    # seeds and weights downlinks train the same B, so they reach the target in the same round, seeds with fewer bytes
+    # seeds and weights downlinks train the same B (the same curve of losses), the seeds with fewer bytes every round
+    # (here the worst method ends above the untuned loss, so every method "reaches" the target at 0 bytes)
     assert [loss for _, loss in curves["prge-seeds"]] == [loss for _, loss in curves["prge-weights"]]
-    assert float(rows["prge-seeds"]["bytes_to_target"]) < float(rows["prge-weights"]["bytes_to_target"])
+    assert all(s < w for (s, _), (w, _) in zip(curves["prge-seeds"][1:], curves["prge-weights"][1:], strict=True))
     # a simulated client's process was sampled: a Ray worker holding the tiny model (~600 MiB measured; bare Python is
     # ~10 MiB), the same model in every method, so every peak is within 30% of the median peak
     peaks = sorted(float(r["client_peak_mib"]) for r in rows.values())

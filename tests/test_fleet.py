@@ -318,6 +318,7 @@ def test_fleet_goes_on_without_a_missing_and_a_killed_supernode(pte, tmp_path):
         "federation.node_wait_s=8",
         "federation.timeout_s=25",
         "federation.setup_timeout_s=60",
+        "eval.timeout_s=60",  # the killed node's evaluation is given up after 60 s without progress
         watch=kill_node_1_in_round_2,
     )
     assert killed, out[-4000:]

@@ -34,5 +34,8 @@ class Traffic:
         return {"bytes": dict(self.bytes), "payload": dict(self.payload), "count": dict(self.count)}
 
     def restore(self, state: dict[str, dict[str, int]]) -> None:
+        """Add a checkpoint's counters to this run's (a resumed run has already counted its own registration)."""
         for name in ("bytes", "payload", "count"):
-            getattr(self, name).update(state[name])
+            mine = getattr(self, name)
+            for key, value in state[name].items():
+                mine[key] += value
