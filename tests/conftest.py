@@ -44,3 +44,14 @@ def random_batch(vocab: int = 512, bs: int = 3, seq: int = 16, seed: int = 0) ->
 @pytest.fixture
 def batch() -> dict[str, torch.Tensor]:
     return random_batch()
+
+
+@pytest.fixture
+def identity():
+    """Flower stamps run/task/node ids on every Message it builds; outside a run they must be set by hand."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedprge.config import load_config, to_yaml
 from fedprge.data import load_federated
@@ -138,15 +137,6 @@ def test_personalization_changes_neither_the_uplink_nor_the_federation_and_newco
     (new,) = unseen
     assert clients[new]["personal_loss"] == clients[new]["global_loss"]  # it never trained: no personal B
     assert clients[new]["ditto_trained"] == 0.0 and all(clients[p]["ditto_trained"] == 1.0 for p in clients if p != new)
-
-
-@pytest.fixture
-def identity():
-    """Flower stamps run/task/node ids on every Message it builds; outside a run they must be set by hand."""
-    saved = TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 7
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
 
 def test_the_train_reply_carries_only_the_scalars_while_the_ditto_b_stays_home(identity):

@@ -15,7 +15,6 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedprge.config import load_config, to_yaml
 from fedprge.federation import checkpoint, faults
@@ -246,15 +245,6 @@ def test_stragglers_miss_the_deadline_and_their_late_replies_are_dropped(tmp_pat
 
 
 # --- the rules, one by one, on the strategy with real Flower messages --------------------------------------------
-@pytest.fixture
-def identity():
-    """Flower stamps run/task/node ids on every Message it builds; outside a run they must be set by hand."""
-    saved = TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
-
-
 P = 64
 
 
