@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
-from test_reliability import P, _reply, _sent, _strategy, identity  # noqa: F401 - identity is a fixture
+from test_reliability import P, _reply, _sent, _strategy
 
 from fedprge.engine import rng
 from fedprge.federation import defences
@@ -25,7 +25,7 @@ def _aggregate(s, grads):
     return stats, dict(zip(s.history[1].seeds, s.history[1].coefs.tolist(), strict=True))
 
 
-def test_mean_weights_each_client_by_its_registered_count(identity):  # noqa: F811
+def test_mean_weights_each_client_by_its_registered_count(identity):
     """Counts 10, 30, 20: each client's scalars enter B with weight count / 60 on its own seeds, and B is
     b0 - lr/q sum (weight x scalar x direction)."""
     s = _strategy("federation.norm_bound=0", counts=(10, 30, 20, 10))
@@ -40,7 +40,7 @@ def test_mean_weights_each_client_by_its_registered_count(identity):  # noqa: F8
     assert float((s.b.double() - want).abs().max()) < 1e-7
 
 
-def test_shared_seeds_mean_adds_the_weighted_scalars_seed_by_seed(identity):  # noqa: F811
+def test_shared_seeds_mean_adds_the_weighted_scalars_seed_by_seed(identity):
     s = _strategy("federation.seed_scope=round", "federation.norm_bound=0", counts=(10, 30, 20, 10))
     _, merged = _aggregate(s, G[:2])
     assert len(merged) == 4  # one coefficient per shared seed
@@ -49,7 +49,7 @@ def test_shared_seeds_mean_adds_the_weighted_scalars_seed_by_seed(identity):  # 
 
 
 @pytest.mark.parametrize(("aggregation", "want"), [("median", "median"), ("trimmed_mean", "trimmed")])
-def test_shared_seeds_robust_rules_take_the_coordinate_median_or_trimmed_mean(identity, aggregation, want):  # noqa: F811
+def test_shared_seeds_robust_rules_take_the_coordinate_median_or_trimmed_mean(identity, aggregation, want):
     """Five clients, trim_fraction 0.2: one value cut at each end of every coordinate; the median of five is the
     middle value. Unweighted (counts differ, and must not matter)."""
     over = ["federation.seed_scope=round", f"federation.aggregation={aggregation}", "federation.norm_bound=0"]
@@ -61,7 +61,7 @@ def test_shared_seeds_robust_rules_take_the_coordinate_median_or_trimmed_mean(id
     assert [merged[x] for x in seeds] == pytest.approx(expect.tolist(), rel=1e-6)
 
 
-def test_trimmed_mean_with_own_seeds_keeps_the_middle_norms_weighted(identity):  # noqa: F811
+def test_trimmed_mean_with_own_seeds_keeps_the_middle_norms_weighted(identity):
     s = _strategy(
         "federation.aggregation=trimmed_mean",
         "federation.trim_fraction=0.2",
@@ -78,7 +78,7 @@ def test_trimmed_mean_with_own_seeds_keeps_the_middle_norms_weighted(identity): 
     assert len(merged) == 12
 
 
-def test_weights_are_normalised_over_the_accepted_clients_only(identity):  # noqa: F811
+def test_weights_are_normalised_over_the_accepted_clients_only(identity):
     """A rejected client's count is not in the denominator."""
     s = _strategy("federation.norm_bound=0", counts=(10, 30, 20, 10))
     sent = _sent(s, 1, [0, 1])
@@ -115,7 +115,7 @@ def test_lower_median_and_norm_rules_at_their_boundaries():
     assert defences.extreme_norms(tie, 1, [5, 3, 9]) == [1, 2]  # ties broken by the partition order
 
 
-def test_check_reply_limits_are_strict_and_zero_disables(identity):  # noqa: F811
+def test_check_reply_limits_are_strict_and_zero_disables(identity):
     s = _strategy()
     (sent,) = _sent(s, 1, [0])
     ok = _reply(sent, [1e6, 0, 0, 0]).content
