@@ -136,6 +136,9 @@ def test_personalization_changes_neither_the_uplink_nor_the_federation_and_newco
     assert full["clients_evaluated"] == 5 and len(unseen) == 1
     (new,) = unseen
     assert clients[new]["personal_loss"] == clients[new]["global_loss"]  # it never trained: no personal B
+    assert full["unseen_clients"] == [new] and full["methods_unseen"]["mix"]["clients"] == 1
+    assert full["methods_trained"]["mix"]["clients"] == 4
+    assert full["methods_unseen"]["global"]["mean"] == clients[new]["global_loss"]
     assert clients[new]["ditto_trained"] == 0.0 and all(clients[p]["ditto_trained"] == 1.0 for p in clients if p != new)
 
 
