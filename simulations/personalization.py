@@ -140,7 +140,7 @@ def markdown(rows: list[dict]) -> str:
             else:
                 pct = c.startswith(("better", "loss_no"))
                 f = (lambda x: f"{100 * x:.0f}%") if pct else (lambda x: f"{x:.4f}")
-                cells.append(f"{f(r[c])} ± {f(r[c + '_std'])}")
+                cells.append(f"{f(r[c])} ± {f(r[c + '_std'])}" if r["seeds"] > 1 else f(r[c]))  # one seed: no spread
         lines.append(f"| {r['setting']} ({r['metric']}) | {r['clients']} | {r['method']} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
 
