@@ -56,8 +56,8 @@ def sync_global(task: Task, context: Context, msg: Message, keep: bool = True) -
         )
         synced = int(msg.content["round"]["round"]) - 1
     else:
-        held = context.state.get("global")
-        b = torch.from_numpy(held["b"].numpy()).clone() if held is not None else torch.zeros(task.num_params)
+        held = held_b(context, "global")
+        b = held if held is not None else torch.zeros(task.num_params)
         synced = int(context.state["sync"]["round"]) if "sync" in context.state else 0
         for upd in state.updates:
             if upd.rnd <= synced:
@@ -73,7 +73,8 @@ def sync_global(task: Task, context: Context, msg: Message, keep: bool = True) -
 
 
 def held_b(context: Context, name: str) -> torch.Tensor | None:
-    """A B this node keeps for itself (``personal``: its last trained B; ``ditto``: its Ditto B), if any."""
+    """A B this node keeps (``global``: the last synced global B; ``personal``: its last trained B; ``ditto``: its
+    Ditto B), if any."""
     held = context.state.get(name)
     return torch.from_numpy(held["b"].numpy()).clone() if held is not None else None
 
