@@ -24,14 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedprge.procmem import status_mib
+
 VARIANTS = ("eager", "executorch-xnnpack", "executorch-portable")
-
-
-def _rss_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def child(config_yaml: str, pte: str | None) -> dict:
@@ -41,9 +36,9 @@ def child(config_yaml: str, pte: str | None) -> dict:
     from fedprge.federation import client_app  # noqa: F401 (what flwr-clientapp imports)
     from fedprge.task import client_overrides, load_task
 
-    rss_imports, t1 = _rss_mib("VmRSS"), time.perf_counter()
+    rss_imports, t1 = status_mib("VmRSS"), time.perf_counter()
     task = load_task(config_yaml, *client_overrides({"pte": pte} if pte else {}))
-    rss_task, t2 = _rss_mib("VmRSS"), time.perf_counter()
+    rss_task, t2 = status_mib("VmRSS"), time.perf_counter()
     res = task.train(torch.zeros(task.num_params), 0, 1)
     t3 = time.perf_counter()
     metrics = task.evaluate(res.b, 0)
@@ -53,9 +48,9 @@ def child(config_yaml: str, pte: str | None) -> dict:
         "backend": type(task.backend).__name__,
         "rss_imports_mib": rss_imports,
         "rss_task_mib": rss_task,
-        "peak_rss_mib": _rss_mib("VmHWM"),
-        "end_rss_anon_mib": _rss_mib("RssAnon"),  # private memory at the end (heap, packed weights, arenas)
-        "end_rss_file_mib": _rss_mib("RssFile"),  # file-backed pages (mmapped program/weights, libraries)
+        "peak_rss_mib": status_mib("VmHWM"),
+        "end_rss_anon_mib": status_mib("RssAnon"),  # private memory at the end (heap, packed weights, arenas)
+        "end_rss_file_mib": status_mib("RssFile"),  # file-backed pages (mmapped program/weights, libraries)
         "import_s": t1 - t0,
         "load_s": t2 - t1,
         "train_s": t3 - t2,

@@ -47,7 +47,7 @@ TARGETS: dict[str, tuple[set[str] | None, list[str]]] = {
     ),
     "fedprge/federation/defences.py": (None, RULE_TESTS),
     "fedprge/federation/protocol.py": ({"apply_coefficients"}, ["tests/test_protocol.py", *RULE_TESTS]),
-    "fedprge/federation/strategy.py": ({"_combine"}, RULE_TESTS),
+    "fedprge/federation/aggregation.py": ({"combine"}, RULE_TESTS),
 }
 # runs whole test files but never what needs other processes or minutes; the cross-process test would compare the
 # mutant with the installed, unmutated package and "kill" every generator mutant for the wrong reason
@@ -66,8 +66,8 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("defences.py", "check_reply", "0.0 -> 1.0"): "the peak of an empty reply: decode_grads never returns one",
     ("estimator.py", "clip_rms", "> -> >="): "at rms == clip the factor is clip / rms = 1: the same g",
     ("estimator.py", "clip_rms", "1.0 -> 2.0"): "clamp(clip / rms, max=1) runs only when rms > clip: never above 1",
-    ("strategy.py", "_combine", "0 -> 1"): "k is read only by trimmed_mean; clients[0] or [1]: shared seeds are equal",
-    ("strategy.py", "_combine", "and -> or"): "trimming k = 0 clients trims none (and k is 0 unless trimmed_mean)",
+    ("aggregation.py", "combine", "0 -> 1"): "k is read only by trimmed_mean; clients[0] or [1]: the same shared seeds",
+    ("aggregation.py", "combine", "and -> or"): "trimming k = 0 clients trims none (and k is 0 unless trimmed_mean)",
 }
 
 SWAP_BIN = {

@@ -33,20 +33,11 @@ import sys
 import time
 from pathlib import Path
 
+from fedprge.procmem import reset_peak, status_kib
+
 METHODS = ("inference", "inference_2q", "prge", "prge_bf16", "sequential", "naive", "backprop")
 PER_Q = ("inference_2q", "prge", "prge_bf16", "sequential", "naive")  # methods whose work grows with q
 ZO_STEPS = ("prge", "prge_bf16", "sequential", "naive")  # methods that return projected gradients
-
-
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS
 
 
 def child(args: argparse.Namespace) -> dict:
@@ -95,10 +86,10 @@ def child(args: argparse.Namespace) -> dict:
     with torch.no_grad():
         backend.losses(b.unsqueeze(0), batch)  # pages in every weight, so the baseline is the loaded model
     with grad_ctx:
-        rss_loaded = _rss_kib("VmRSS")
-        _reset_peak()
+        rss_loaded = status_kib("VmRSS")
+        reset_peak()  # the peak from here on
         out = run()  # warm-up (its allocations count: the peak is the step's, from the loaded model upwards)
-        peak = _rss_kib("VmHWM")
+        peak = status_kib("VmHWM")
         times = []
         for _ in range(args.steps):
             t = time.perf_counter()

@@ -4,8 +4,9 @@ Same model, adapters, batch (Shakespeare text, exactly --seq tokens per row) and
 runs in a fresh child process: load, one warm-up step, --steps timed steps (the fastest is reported: other
 processes on a shared machine only ever add time), peak RSS. A step is everything a client does per step:
 
-  eager        rng z on the host, 2q replicas of B, one batched forward (EagerBackend), g, update
-  pte-xnnpack  program.forward(ids, mask, labels, seeds, b) -> 2q losses (z drawn in-program), host z, g, update
+  eager        EagerBackend.perturbed_losses: z from the seeds, 2q replicas of B, one batched forward; host z, g, update
+  pte-xnnpack  PTEBackend.perturbed_losses: program.forward(ids, mask, labels, seeds, b) -> 2q losses (z drawn
+               in-program); host z, g, update
   pte-portable the same program lowered without a delegate (ExecuTorch's portable reference kernels)
 
     python benchmarks/pte_step.py                         # tiny, q=4, bs=1, 48 tokens, 1 thread
@@ -27,14 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedprge.procmem import status_mib as _rss_mib
+
 VARIANTS = ("eager", "pte-xnnpack", "pte-portable")
-
-
-def _rss_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def batch_for(tokenizer, bs: int, seq: int) -> dict:
@@ -61,7 +57,8 @@ def child(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     from fedprge.engine import rng
-    from fedprge.engine.estimator import ZOConfig, finish_step, prge_step
+    from fedprge.engine.backend import backend_step
+    from fedprge.engine.estimator import ZOConfig
     from fedprge.models import load_tokenizer
 
     t0 = time.perf_counter()
@@ -72,31 +69,22 @@ def child(args: argparse.Namespace) -> dict:
 
         model, tok = load_model(args.model, seed=0)
         backend = EagerBackend(model, LoRAFA(model, LoRAConfig()))
-        num_params = backend.num_params
     else:
+        from fedprge.export.backend import PTEBackend
         from fedprge.export.runtime import PTEProgram
 
-        program = PTEProgram(args.pte, num_threads=args.threads)
-        tok, num_params = load_tokenizer(args.model), program.num_params
+        backend, tok = PTEBackend(PTEProgram(args.pte, num_threads=args.threads)), load_tokenizer(args.model)
+    num_params = backend.num_params
     load_s = time.perf_counter() - t0
     batch = batch_for(tok, args.bs, args.seq)
     zo = ZOConfig(q=args.q, eps=1e-2, lr=1e-3)
     seeds = [rng.derive_seed(1, i) for i in range(args.q)]
     b = 1e-3 * rng.directions([7], num_params)[0]  # a nonzero B so every path really uses it
 
-    if args.variant == "eager":
+    def step():  # what Task.step does, on either backend
+        return backend_step(backend, b, batch, seeds, zo)
 
-        def step():
-            with torch.no_grad():
-                return prge_step(lambda reps: backend.losses(reps, batch), b, seeds, zo)
-
-    else:
-
-        def step():
-            losses = program.losses(seeds, b, batch)
-            return finish_step(b, rng.directions(seeds, num_params, zo.distribution), seeds, losses, zo)
-
-    _, rec = step()  # warm-up
+    _, rec, _ = step()  # warm-up
     times = []
     for _ in range(args.steps):
         t = time.perf_counter()

@@ -306,7 +306,8 @@ def parser() -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace, work: Path, p: argparse.ArgumentParser):
     """The run's config (absolute out_dir and .pte) and the number of nodes; exports a .pte if needed."""
-    from fedprge.config import ClientSection, load_config, validate
+    from fedprge.config import ClientSection, load_config
+    from fedprge.config_rules import validate
 
     try:
         cfg = load_config(args.config, args.overrides)

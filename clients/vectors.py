@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from fedprge.engine import rng
-from fedprge.federation.protocol import SeedSpec, step_seeds
+from fedprge.engine.seeds import SeedSpec, step_seeds
 
 SEEDS = (0, 7, 123456789, 2**32 - 1)
 COUNTERS = (0, 1, 2, 3, 1000, 184319, 1_000_000, 2**31 + 5)

@@ -20,6 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from fedprge.config import RunConfig, load_config
 from fedprge.federation.protocol import GlobalState, RoundUpdate, pack_f32, wire_bytes
 from fedprge.federation.sampling import sample_round
+from fedprge.methods import METHODS
 
 _NODE = 2**62 + 12345  # a typical 64-bit node id (its varint size is what counts)
 
@@ -171,8 +172,6 @@ def fedavg_bytes(cfg: RunConfig, shapes: Shapes, algorithm: str) -> tuple[int, i
 
 def predict(model: str, cfg: RunConfig) -> list[dict]:
     """One row per method: bytes per client-round and per run for ``cfg``'s fleet."""
-    from fedprge.compare import METHODS
-
     shapes = model_shapes(model, cfg)
     f = cfg.federation
     per_round = len(sample_round(cfg, f.clients, 1))

@@ -22,18 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedprge.config import RunConfig, load_config
+from fedprge.methods import METHODS  # method -> config overrides on top of the shared base
 
-# method -> config overrides on top of the shared base
-METHODS: dict[str, list[str]] = {
-    "prge-seeds": ["federation.downlink=seeds"],
-    "prge-weights": ["federation.downlink=weights"],
-    "prge-pool": ["federation.downlink=pool"],
-    "mezo": ["zo.q=1", "federation.downlink=seeds"],
-    "fedkseed": ["zo.q=1", "federation.downlink=pool", "federation.pool_size=4096"],
-    "fedavg-lora-fa": ["federation.algorithm=fedavg_lora_fa"],
-    "fedavg-lora": ["federation.algorithm=fedavg_lora"],
-    "fedavg-full": ["federation.algorithm=fedavg_full"],
-}
 DEFAULT_METHODS = [m for m in METHODS if m != "fedavg-full"]
 BASE = [
     "federation.clients=10",
@@ -58,6 +48,8 @@ class Row:
     seconds: float
     client_peak_mib: float  # largest peak RSS of a simulated client's process (Ray worker: model + Python + Ray)
     curve: list[tuple[int, float]]  # (cumulative bytes, metric) from round 0
+    metric_name: str  # the run's headline metric (RunWriter.metric): "loss" or "acc"
+    higher_is_better: bool
 
 
 def run_method(name: str, base: list[str], files: list[str], out: Path) -> Row:
@@ -89,6 +81,8 @@ def run_method(name: str, base: list[str], files: list[str], out: Path) -> Row:
         summary["seconds"],
         mem.worker_peak / 2**20 if mem.worker_peak else math.nan,
         curve,
+        summary["metric"],
+        summary["higher_is_better"],
     )
 
 
@@ -223,8 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     for i, m in enumerate(methods, 1):
         print(f"[{i}/{len(methods)}] {m}", flush=True)
         rows.append(run_method(m, base, a.config, out))
-    metric = "acc" if cfg.data.task == "tweets" else "loss"
-    higher = metric == "acc"
+    rules = {(r.metric_name, r.higher_is_better) for r in rows}  # each run's writer decided (RunWriter.metric)
+    if len(rules) != 1:
+        raise RuntimeError(f"the methods' runs disagree on the headline metric: {sorted(rules)}")
+    ((metric, higher),) = rules
     # target: the level every method reached (the smallest improvement over the untuned model), on the curves
     finals = [r.curve[-1][1] if r.curve else r.metric for r in rows]
     target = min(finals) if higher else max(finals)

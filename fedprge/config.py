@@ -1,27 +1,20 @@
-"""One typed configuration for a run: dataclass defaults <- YAML files <- dotlist overrides (omegaconf)."""
+"""One typed configuration for a run: dataclass defaults <- YAML files <- dotlist overrides (omegaconf).
+
+The allowed values and :func:`~fedprge.config_rules.validate` live in :mod:`fedprge.config_rules`.
+"""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fedprge.config_rules import validate
 from fedprge.engine.adapters import LoRAConfig
 from fedprge.engine.estimator import ZOConfig
-from fedprge.engine.shared_base import PRECISION_CHOICES
-
-DOWNLINKS = ("weights", "seeds", "pool")
-ALGORITHMS = ("prge", "fedavg_lora_fa", "fedavg_lora", "fedavg_full")
-SEED_SCOPES = ("client", "round")
-PERSONALIZATION = ("global", "local", "finetune", "personal", "ditto", "mix", "prior")
-CLIENT_BACKENDS = ("eager", "executorch")
-AGGREGATIONS = ("mean", "trimmed_mean", "median")
-CATCHUPS = ("auto", "seeds")
-POISON_KINDS = ("nan", "inf", "huge", "wrong_count", "scaled", "count")
+from fedprge.engine.seeds import SeedSpec
 
 
 @dataclass
@@ -117,7 +110,7 @@ class FaultsSection:
 class EvalSection:
     every: int = 1  # evaluate the global B every N rounds on the curve clients (0: only before and after training)
     curve_clients: int = 10  # the first N clients (by partition) give the metric-vs-round curve (0: all)
-    personalization: list[str] = field(default_factory=lambda: ["global", "finetune", "local", "personal"])
+    personalization: list[str] = field(default_factory=lambda: ["global", "finetune", "local", "personal", "prior"])
     # local P-RGE step budget of "finetune" (from the global B), "local" (from zero B) and a newcomer's "ditto"; the
     # step count actually used is chosen on the client's validation split among 0, 1, 2, 4, ... and the budget
     personal_steps: int = 4
@@ -151,6 +144,17 @@ class ExportSection:
 
 
 @dataclass
+class PrivacySection:
+    """DP-ZO on the projected gradients; unit: one client's whole round (fedprge/privacy.py, README "Privacy")."""
+
+    mode: str = "off"  # off | local (clients clip and add noise) | central (clients clip, the server adds noise)
+    clip: float = 1.0  # C: L2 bound on a client's round vector of local_steps x q projected gradients
+    noise_multiplier: float = 0.0  # sigma: noise std is sigma x C (0: clipping only, epsilon infinite)
+    epsilon: float = 0.0  # target epsilon: calibrate sigma with the accountant instead (0: use noise_multiplier)
+    delta: float = 1e-5  # must be < 1 / federation.clients (a user-level delta at or above 1/N protects no one)
+
+
+@dataclass
 class SimSection:
     cpus: int = 2  # CPUs Ray may use on this machine
     cpus_per_client: int = 1  # one torch thread per Ray worker: the only stable timing on small machines
@@ -172,6 +176,7 @@ class RunConfig:
     sim: SimSection = field(default_factory=SimSection)
     client: ClientSection = field(default_factory=ClientSection)
     export: ExportSection = field(default_factory=ExportSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
 
     def lora_config(self) -> LoRAConfig:
         return LoRAConfig(self.lora.rank, self.lora.alpha, tuple(self.lora.target_modules), self.lora.a_seed)
@@ -179,134 +184,9 @@ class RunConfig:
     def zo_config(self) -> ZOConfig:
         return ZOConfig(self.zo.q, self.zo.eps, self.zo.lr, self.zo.distribution, self.zo.clip)
 
-
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{key}={value!r} is invalid; {allowed}")
-
-
-def validate(cfg: RunConfig) -> RunConfig:
-    """Check every value a run depends on; errors name the key, the bad value and what is allowed."""
-    fed, data, ev, sim = cfg.federation, cfg.data, cfg.eval, cfg.sim
-    _validate_numbers(cfg)
-    cfg.lora_config()
-    cfg.zo_config()
-    _check(cfg.seed >= 0, "seed", cfg.seed, "it must be >= 0")
-    _check(
-        cfg.model.dtype in ("float32", "bfloat16", "float64"),
-        "model.dtype",
-        cfg.model.dtype,
-        "choose float32, bfloat16 or float64",
-    )
-    _check(
-        cfg.model.precision in PRECISION_CHOICES,
-        "model.precision",
-        cfg.model.precision,
-        f"choose one of {PRECISION_CHOICES}",
-    )
-    _check(
-        cfg.model.precision != "shared-bf16" or cfg.model.dtype == "float32",
-        "model.precision",
-        cfg.model.precision,
-        "shared-bf16 needs model.dtype=float32",
-    )
-    _check(fed.clients >= 1, "federation.clients", fed.clients, "it must be >= 1")
-    _check(fed.rounds >= 1, "federation.rounds", fed.rounds, "it must be >= 1")
-    _check(0 < fed.fraction <= 1, "federation.fraction", fed.fraction, "it must be in (0, 1]")
-    _check(fed.min_clients >= 1, "federation.min_clients", fed.min_clients, "it must be >= 1")
-    _check(fed.local_steps >= 1, "federation.local_steps", fed.local_steps, "it must be >= 1")
-    _check(fed.batch_size >= 1, "federation.batch_size", fed.batch_size, "it must be >= 1")
-    _check(fed.downlink in DOWNLINKS, "federation.downlink", fed.downlink, f"choose one of {DOWNLINKS}")
-    _check(fed.algorithm in ALGORITHMS, "federation.algorithm", fed.algorithm, f"choose one of {ALGORITHMS}")
-    _check(fed.fo_lr > 0, "federation.fo_lr", fed.fo_lr, "it must be > 0")
-    _check(fed.seed_scope in SEED_SCOPES, "federation.seed_scope", fed.seed_scope, f"choose one of {SEED_SCOPES}")
-    _check(fed.pool_size >= 1, "federation.pool_size", fed.pool_size, "it must be >= 1")
-    _check(fed.timeout_s > 0, "federation.timeout_s", fed.timeout_s, "it must be > 0")
-    _validate_reliability(cfg)
-    _check(
-        data.partition in ("natural", "dirichlet", "iid"),
-        "data.partition",
-        data.partition,
-        "choose natural, dirichlet or iid",
-    )
-    _check(data.alpha > 0, "data.alpha", data.alpha, "the Dirichlet concentration must be > 0")
-    _check(data.max_len >= 4, "data.max_len", data.max_len, "it must be >= 4")
-    _check(0 < data.test_fraction < 1, "data.test_fraction", data.test_fraction, "it must be in (0, 1)")
-    _check(ev.every >= 0, "eval.every", ev.every, "it must be >= 0")
-    _check(ev.curve_clients >= 0, "eval.curve_clients", ev.curve_clients, "it must be >= 0 (0: all clients)")
-    bad = [m for m in ev.personalization if m not in PERSONALIZATION]
-    _check(not bad, "eval.personalization", bad, f"methods must be among {PERSONALIZATION}")
-    _check(ev.personal_steps >= 1, "eval.personal_steps", ev.personal_steps, "it must be >= 1")
-    _check(0 <= ev.ditto_lambda < math.inf, "eval.ditto_lambda", ev.ditto_lambda, "it must be finite and >= 0")
-    _check(0 <= ev.unseen_fraction < 1, "eval.unseen_fraction", ev.unseen_fraction, "it must be in [0, 1)")
-    _check(0 <= data.val_fraction < 1, "data.val_fraction", data.val_fraction, "it must be in [0, 1)")
-    _check(0 < ev.timeout_s < math.inf, "eval.timeout_s", ev.timeout_s, "it must be finite and > 0")
-    _check(ev.retries >= 0, "eval.retries", ev.retries, "it must be >= 0 (0: no retry)")
-    allowed = f"choose one of eval.personalization={list(ev.personalization)} or '' (none)"
-    _check(cfg.export.personal in ("", *ev.personalization), "export.personal", cfg.export.personal, allowed)
-    _check(sim.cpus >= 1, "sim.cpus", sim.cpus, "it must be >= 1")
-    _check(sim.cpus_per_client >= 1, "sim.cpus_per_client", sim.cpus_per_client, "it must be >= 1")
-    _validate_client(cfg)
-    return cfg
-
-
-def _validate_client(cfg: RunConfig) -> None:
-    fed, cl = cfg.federation, cfg.client
-    allowed = f"it must be in [0, federation.clients={fed.clients}] (0: all)"
-    _check(0 <= fed.min_nodes <= fed.clients, "federation.min_nodes", fed.min_nodes, allowed)
-    _check(0 <= fed.node_wait_s < math.inf, "federation.node_wait_s", fed.node_wait_s, "it must be >= 0 (0: timeout_s)")
-    _check(cl.backend in CLIENT_BACKENDS, "client.backend", cl.backend, f"choose one of {CLIENT_BACKENDS}")
-    if cl.backend == "executorch":
-        _check(bool(cl.pte), "client.pte", cl.pte, "client.backend=executorch needs a .pte (python -m fedprge.export)")
-        _check(cfg.model.dtype == "float32", "model.dtype", cfg.model.dtype, "an exported .pte runs in float32")
-        prec = cfg.model.precision
-        _check(prec != "shared-bf16", "model.precision", prec, "an exported .pte runs in float32")
-    else:
-        _check(cl.pte is None, "client.pte", cl.pte, "a program is only used with client.backend=executorch")
-
-
-def _validate_numbers(cfg: RunConfig) -> None:
-    """Numeric keys checked elsewhere without their dotted name (adapters, estimator, data loading)."""
-    lora, zo, data = cfg.lora, cfg.zo, cfg.data
-    _check(0 <= cfg.seed < 2**63, "seed", cfg.seed, "it must be in [0, 2**63)")
-    _check(lora.rank >= 1, "lora.rank", lora.rank, "it must be >= 1")
-    _check(0 < lora.alpha < math.inf, "lora.alpha", lora.alpha, "it must be finite and > 0")
-    _check(0 <= lora.a_seed < 2**32, "lora.a_seed", lora.a_seed, "it must be in [0, 2**32)")
-    _check(zo.q >= 1, "zo.q", zo.q, "the number of directions must be >= 1")
-    _check(0 < zo.eps < math.inf, "zo.eps", zo.eps, "it must be finite and > 0")
-    _check(0 < zo.lr < math.inf, "zo.lr", zo.lr, "it must be finite and > 0")
-    _check(0 <= zo.clip < math.inf, "zo.clip", zo.clip, "it must be finite and >= 0 (0: off)")
-    _check(0 < data.alpha < math.inf, "data.alpha", data.alpha, "the Dirichlet concentration must be finite, > 0")
-    _check(data.chunk_words >= 1, "data.chunk_words", data.chunk_words, "it must be >= 1")
-    _check(data.max_val_per_client >= 0, "data.max_val_per_client", data.max_val_per_client, "it must be >= 0")
-    for key in ("max_train_per_client", "max_test_per_client"):
-        _check(getattr(data, key) >= 1, f"data.{key}", getattr(data, key), "it must be >= 1")
-    _check(cfg.eval.max_clients >= 0, "eval.max_clients", cfg.eval.max_clients, "it must be >= 0 (0: all)")
-
-
-def _validate_reliability(cfg: RunConfig) -> None:
-    fed, flt = cfg.federation, cfg.faults
-    _check(fed.setup_timeout_s > 0, "federation.setup_timeout_s", fed.setup_timeout_s, "it must be > 0")
-    _check(fed.catchup in CATCHUPS, "federation.catchup", fed.catchup, f"choose one of {CATCHUPS}")
-    _check(fed.catchup_max_seeds >= 0, "federation.catchup_max_seeds", fed.catchup_max_seeds, "it must be >= 0")
-    _check(fed.aggregation in AGGREGATIONS, "federation.aggregation", fed.aggregation, f"choose one of {AGGREGATIONS}")
-    _check(0 <= fed.trim_fraction < 0.5, "federation.trim_fraction", fed.trim_fraction, "it must be in [0, 0.5)")
-    _check(0 <= fed.norm_bound < math.inf, "federation.norm_bound", fed.norm_bound, "it must be finite, >= 0 (0: off)")
-    _check(0 <= fed.max_abs_grad <= math.inf, "federation.max_abs_grad", fed.max_abs_grad, "it must be >= 0 (0: off)")
-    _check(1 <= fed.max_count_ratio <= math.inf, "federation.max_count_ratio", fed.max_count_ratio, "it must be >= 1")
-    allowed = "it must be in [0, federation.rounds) (0: never)"
-    _check(0 <= fed.stop_after < fed.rounds, "federation.stop_after", fed.stop_after, allowed)
-    _check(0 <= flt.drop_rate <= 1, "faults.drop_rate", flt.drop_rate, "it must be in [0, 1]")
-    _check(0 <= flt.straggler_rate <= 1, "faults.straggler_rate", flt.straggler_rate, "it must be in [0, 1]")
-    _check(0 <= flt.straggler_delay_s < math.inf, "faults.straggler_delay_s", flt.straggler_delay_s, "it must be >= 0")
-    _check(0 <= flt.poison_fraction <= 1, "faults.poison_fraction", flt.poison_fraction, "it must be in [0, 1]")
-    _check(flt.poison_kind in POISON_KINDS, "faults.poison_kind", flt.poison_kind, f"choose one of {POISON_KINDS}")
-    _check(math.isfinite(flt.poison_scale), "faults.poison_scale", flt.poison_scale, "it must be finite")
-    rate = "it must be in [0, 1]"
-    _check(0 <= flt.eval_straggler_rate <= 1, "faults.eval_straggler_rate", flt.eval_straggler_rate, rate)
-    _check(0 <= flt.eval_delay_s < math.inf, "faults.eval_delay_s", flt.eval_delay_s, "it must be finite and >= 0")
-    _check(0 <= flt.eval_drop_rate <= 1, "faults.eval_drop_rate", flt.eval_drop_rate, rate)
-    _check(flt.eval_drop_attempts >= 0, "faults.eval_drop_attempts", flt.eval_drop_attempts, "it must be >= 0")
+    def seed_spec(self) -> SeedSpec:
+        fed = self.federation
+        return SeedSpec(self.seed, self.zo.q, fed.seed_scope, fed.pool_size if fed.downlink == "pool" else 0)
 
 
 def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> RunConfig:

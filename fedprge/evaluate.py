@@ -20,17 +20,23 @@ def evaluate(
     batch_size: int = 16,
     with_acc: bool = True,
     label_bias: Sequence[float] | None = None,
+    token_prior: tuple[torch.Tensor, float] | None = None,
 ) -> dict[str, float]:
     """``loss`` (mean NLL per target token), ``ppl``; for examples with choices (and ``with_acc``) also ``acc``: the
     label word with the highest log-likelihood must be the target (scored by the same forward as training);
-    ``label_bias`` (one per choice) is added to the choices' log-likelihoods first (a client's label prior)."""
+    ``label_bias`` (one per choice) is added to the choices' log-likelihoods first (a client's label prior);
+    ``token_prior`` ``(pi, lam)`` scores the tokens under ``(1 - lam) p_model + lam pi`` (a client's token prior)."""
     if not examples:
         return {}
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        sums, counts = backend.example_nll(b, encode(tokenizer, examples[i : i + batch_size], max_len))
-        total += float(sums.sum())
-        count += int(counts.sum())
+    if token_prior is not None and token_prior[1] > 0:
+        nll, tgt = token_nll(backend, tokenizer, b, examples, max_len, batch_size)
+        total, count = float(mixture_nll(nll, tgt, *token_prior).sum()), len(nll)
+    else:
+        total, count = 0.0, 0
+        for i in range(0, len(examples), batch_size):
+            sums, counts = backend.example_nll(b, encode(tokenizer, examples[i : i + batch_size], max_len))
+            total += float(sums.sum())
+            count += int(counts.sum())
     out = {"loss": total / max(count, 1)}
     out["ppl"] = math.exp(min(out["loss"], 50.0))
     if with_acc and examples[0].choices:
@@ -55,3 +61,21 @@ def choice_scores(
 def _mean_nll(backend: Backend, tokenizer, b: torch.Tensor, examples: Sequence[Example], max_len: int):
     sums, counts = backend.example_nll(b, encode(tokenizer, examples, max_len))
     return sums / counts.clamp(min=1)
+
+
+def token_nll(
+    backend: Backend, tokenizer, b: torch.Tensor, examples: Sequence[Example], max_len: int, batch_size: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The NLL of every target token of ``examples`` under ``b`` and the target ids, concatenated: (n,), (n,)."""
+    parts = [
+        backend.token_nll(b, encode(tokenizer, examples[i : i + batch_size], max_len))
+        for i in range(0, len(examples), batch_size)
+    ]
+    return torch.cat([n for n, _ in parts]), torch.cat([t for _, t in parts])
+
+
+def mixture_nll(nll: torch.Tensor, tgt: torch.Tensor, pi: torch.Tensor, lam: float) -> torch.Tensor:
+    """Per-token NLL under ``(1 - lam) p_model + lam pi`` from the model's NLL ``nll`` of the targets ``tgt``."""
+    if lam <= 0:
+        return nll
+    return -torch.logaddexp(math.log1p(-lam) - nll, torch.log(lam * pi[tgt]))

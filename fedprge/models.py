@@ -20,7 +20,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-# Before any transformers import: no hub access, and no torchao/pytree noise (see notes/deps.md §7).
+# Before any transformers import: no hub access (weights come from local files), and only errors from the
+# torchao and torch pytree loggers.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 for _name in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_name).setLevel(logging.ERROR)
@@ -220,6 +221,23 @@ def load_model(
     if name == "smollm2":
         return _load_local(smollm2_dir(), dtype)
     return _load_local(_local_dir(name, "model"), dtype)
+
+
+def skeleton(name: str) -> PreTrainedModel:
+    """``name``'s architecture on the meta device: module names and shapes without reading or allocating weights."""
+    if name == "tiny":
+        tokenizer = load_tokenizer("tiny")
+        with torch.device("meta"):
+            return tiny_llama(tokenizer)
+    path = prefetch(name)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"could not read a model config from {str(path)!r}: {exc}") from exc
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def prefetch(name: str) -> Path | None:

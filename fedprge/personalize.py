@@ -13,10 +13,11 @@ chosen per client on its validation split, carved from its training data (``data
 | `ditto`    | Ditto: a personal B trained next to the global one every round the client is sampled, pulled   |
 |            | toward the round's global B by ``eval.ditto_lambda``; a newcomer gets ``personal_steps`` such steps |
 | `mix`      | APFL-style ``(1 - a) * global + a * ditto`` with ``a`` in :data:`MIX_WEIGHTS` chosen on validation |
-| `prior`    | classification: ``finetune``'s B, and its label decision shifted by the client's own label prior:   |
-|            | log p(label | x) + tau * log pi(label), pi the add-one-smoothed label frequencies of its training   |
-|            | examples, tau in :data:`PRIOR_WEIGHTS` chosen on validation (a 3-parameter personal head, fit by   |
-|            | counting); language modelling: ``finetune``                                                      |
+| `prior`    | ``finetune``'s B and a personal output prior fit by counting the client's training targets, its |
+|            | weight chosen on validation. Classification: the label decision uses log p(label | x) +         |
+|            | tau * log pi(label), pi the add-one-smoothed label frequencies, tau in :data:`PRIOR_WEIGHTS`.    |
+|            | Language modelling: tokens are scored under (1 - lam) p(token | x) + lam * pi(token), pi the     |
+|            | client's unigram frequencies, lam in :data:`TOKEN_PRIOR_WEIGHTS` (unigram-cache adaptation)     |
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from fedprge.data import encode
+from fedprge.evaluate import mixture_nll, token_nll
 from fedprge.task import Task
 
 MIX_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 PRIOR_WEIGHTS = (0.0, 0.5, 1.0, 2.0)
+TOKEN_PRIOR_WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3)
 TRAINED_IN_ROUNDS = ("ditto", "mix")  # methods whose clients keep a Ditto B while the federation trains
 _FINETUNE, _LOCAL, _NEWCOMER = 1, 2, 3  # private seed tags of the local steps
 
@@ -40,6 +44,7 @@ class Personalized:
     chosen: dict[str, float] = field(default_factory=dict)  # the hyper-parameters picked on validation
     trail: dict[int, torch.Tensor] = field(default_factory=dict)  # eval.trace: the state after k local steps
     label_bias: list[float] | None = None  # added to the choices' log-likelihoods before the decision ("prior")
+    token_prior: tuple[torch.Tensor, float] | None = None  # (unigram pi, weight lam) the tokens are mixed with
 
 
 def personalize(
@@ -91,10 +96,12 @@ def mix(task: Task, b_global: torch.Tensor, b_own: torch.Tensor, partition: int)
 
 
 def prior(task: Task, b: torch.Tensor, partition: int) -> Personalized:
-    """``b`` with the label-prior shift of the module table (``b`` alone for language modelling)."""
+    """``b`` with the client's output prior of the module table, its weight chosen on validation."""
     c = task.client(partition)
-    if not (c.train and c.train[0].choices and c.val):
+    if not (c.train and c.val):
         return Personalized(b)
+    if not c.train[0].choices:
+        return token_prior(task, b, partition)
     choices = c.train[0].choices
     counts = torch.tensor([sum(ex.target == ch for ex in c.train) for ch in choices], dtype=torch.float32)
     log_pi = torch.log((counts + 1) / (counts.sum() + len(choices)))
@@ -103,3 +110,18 @@ def prior(task: Task, b: torch.Tensor, partition: int) -> Personalized:
     xent = {t: float(F.cross_entropy(logits + t * log_pi, target)) for t in PRIOR_WEIGHTS}
     tau = min(PRIOR_WEIGHTS, key=lambda t: (xent[t], t))
     return Personalized(b, {"tau": tau}, label_bias=(tau * log_pi).tolist())
+
+
+def token_prior(task: Task, b: torch.Tensor, partition: int) -> Personalized:
+    """Language modelling: ``b`` and the client's unigram ``pi`` (target-token frequencies of its training
+    examples), mixed into the next-token distribution with the weight of lowest validation loss."""
+    if not task.backend.per_token:  # an exported .pte gives per-example sums only: prior is finetune, said so
+        return Personalized(b, {"unavailable": 1.0})
+    c, max_len = task.client(partition), task.cfg.data.max_len
+    labels = encode(task.tokenizer, c.train, max_len)["labels"][:, 1:]  # the tokens a loss is taken on
+    pi = torch.bincount(labels[labels != -100], minlength=len(task.tokenizer)).float()
+    pi /= pi.sum().clamp(min=1)
+    nll, tgt = token_nll(task.backend, task.tokenizer, b, c.val, max_len)
+    loss = {lam: float(mixture_nll(nll, tgt, pi, lam).mean()) for lam in TOKEN_PRIOR_WEIGHTS}
+    lam = min(TOKEN_PRIOR_WEIGHTS, key=lambda w: (loss[w], w))
+    return Personalized(b, {"lambda": lam}, token_prior=(pi, lam))

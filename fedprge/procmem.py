@@ -1,4 +1,5 @@
-"""Peak memory of a run's processes: this one, and the Ray worker processes it started (simulated clients)."""
+"""Memory of processes from /proc/PID/status: one field of one process, and the peak of a run's processes (this one
+and the Ray worker processes it started: simulated clients)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,29 @@ import threading
 from pathlib import Path
 
 
+def status_kib(field: str, pid: int | str = "self") -> int:
+    """One memory field of /proc/PID/status in KiB: ``VmRSS`` (resident now), ``VmHWM`` (peak resident),
+    ``RssAnon`` (private), ``RssFile`` (file-backed). Raises ``KeyError`` when the kernel has no such field."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(f"no {field} in /proc/{pid}/status")
+
+
+def status_mib(field: str, pid: int | str = "self") -> float:
+    """:func:`status_kib` in MiB."""
+    return status_kib(field, pid) / 1024
+
+
+def reset_peak(pid: int | str = "self") -> None:
+    """Reset a process's VmHWM (peak RSS) to its current RSS, so the next read is the peak since now."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
 def _peak_rss_bytes(pid: int) -> int:
     """VmHWM (the kernel's peak resident set) of a process, 0 if it is gone or unreadable."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        return status_kib("VmHWM", pid) * 1024
     return 0
 
 

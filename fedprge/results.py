@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from fedprge import privacy
 from fedprge.config import RunConfig, to_yaml
 from fedprge.federation.sampling import unseen_clients
 
@@ -33,6 +34,50 @@ def client_stats(values: list[float], higher_is_better: bool) -> dict[str, float
         v = v[::-1]
     k = max(1, math.ceil(0.1 * len(v)))
     return {"mean": float(v.mean()), "median": float(np.median(v)), "worst10": float(v[:k].mean())}
+
+
+def round_row(
+    rnd: int,
+    sampled: int,
+    ok: int,
+    up: int,
+    down: int,
+    seconds: float,
+    *,
+    failed: int = 0,
+    late: int = 0,
+    rejected: int = 0,
+    clipped: int = 0,
+    skipped: bool = False,
+    down_seeds: int = 0,
+    down_weights: int = 0,
+    train_loss: float = math.nan,
+    reconstruction_error: float = math.nan,
+) -> dict[str, Any]:
+    """One ``rounds.csv`` row, the same columns for every method (P-RGE and the FedAvg baselines).
+
+    ``up`` / ``down``: the round's training bytes as :class:`~fedprge.federation.traffic.Traffic` counted them;
+    ``sampled``: train messages sent, ``ok``: replies accepted. A count a method has no use for stays 0 and a
+    number it does not measure stays NaN (FedAvg replays nothing: ``reconstruction_error``)."""
+    return {
+        "round": rnd,
+        "sampled": sampled,
+        "ok": ok,
+        "failed": failed,
+        "late": late,
+        "rejected": rejected,
+        "clipped": clipped,
+        "skipped": skipped,
+        "down_seeds": down_seeds,
+        "down_weights": down_weights,
+        "train_loss": train_loss,
+        "uplink_bytes": up,
+        "downlink_bytes": down,
+        "uplink_bytes_per_client": up / max(ok, 1),
+        "downlink_bytes_per_client": down / max(sampled, 1),
+        "reconstruction_error": reconstruction_error,
+        "seconds": seconds,
+    }
 
 
 class RunWriter:
@@ -153,6 +198,8 @@ class RunWriter:
             "b_norm": float(b.norm()),
             "b_sha256": _sha(b),
         }
+        if self.cfg.privacy.mode != "off":
+            self.summary["privacy"] = privacy.report(self.cfg)
         torch.save(b, self.dir / "global_b.pt")
         (self.dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
         (self.dir / "rounds.json").write_text(json.dumps(self.rounds, indent=2))
@@ -200,6 +247,17 @@ class RunWriter:
             f"global B improved {s['clients_improved_by_global']}/{s['clients_compared']} clients "
             f"(those with both metrics); {s['seconds']:.0f} s. Results: {self.dir}"
         )
+        if "privacy" in s:  # DP-ZO: what the run spent, per user (one client's whole round)
+            p = s["privacy"]
+            table = Table(title=f"privacy spent ({p['mode']} DP, unit: one client's round; {p['accountant']})")
+            for col in ("epsilon", "delta", "noise multiplier", "clip", "sample rate", "rounds", "eps, sample known"):
+                table.add_column(col, justify="right")
+            table.add_row(
+                *(f"{p[k]:.4g}" for k in ("epsilon", "delta", "noise_multiplier", "clip", "sample_rate")),
+                str(p["rounds"]),
+                f"{p['epsilon_sample_known']:.4g}",
+            )
+            self.console.print(table)
 
     def plot(self) -> None:
         import matplotlib

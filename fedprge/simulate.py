@@ -15,9 +15,12 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from fedprge.config import RunConfig, load_config
 from fedprge.results import RunWriter
+
+PROG = "python -m fedprge.simulate"
 
 
 def backend_config(cfg: RunConfig) -> dict:
@@ -29,6 +32,24 @@ def backend_config(cfg: RunConfig) -> dict:
     return {"client_resources": {"num_cpus": cfg.sim.cpus_per_client, "num_gpus": 0.0}, "init_args": init_args}
 
 
+def check_inputs(cfg: RunConfig) -> None:
+    """What validation of the config alone cannot see, checked before anything starts (ValueError or OSError):
+    the model resolves, the data set loads, every LoRA target names linear layers of the model. Also fills the
+    model and data caches before the workers start."""
+    from fedprge.engine.adapters import LoRAFA
+    from fedprge.models import prefetch, skeleton
+    from fedprge.task import load_data
+
+    prefetch(cfg.model.name)
+    load_data(cfg)
+    LoRAFA(skeleton(cfg.model.name), cfg.lora_config())  # on the model's weightless skeleton
+
+
+def _not_run_simulation_deprecation(record: logging.LogRecord) -> bool:
+    """False for Flower's warning that ``run_simulation`` is deprecated (see :func:`simulate`)."""
+    return not record.getMessage().startswith("DEPRECATED FEATURE: The `run_simulation` function is deprecated")
+
+
 def simulate(cfg: RunConfig, writer: RunWriter | None = None, resume: bool = False) -> dict:
     """Run one simulation in this process and return its summary (``resume``: continue ``writer.dir``)."""
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -36,14 +57,15 @@ def simulate(cfg: RunConfig, writer: RunWriter | None = None, resume: bool = Fal
     from flwr.simulation import run_simulation
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
+    # flwr 1.42 deprecates run_simulation in favour of `flwr run`, which starts the apps in processes of its own
+    # from a packaged project: a ServerApp that writes into this process's RunWriter has no other in-process
+    # runner, so the warning (printed twice, by Flower's handler and the root logger) is dropped. README "flwr run".
+    logging.getLogger("flwr").addFilter(_not_run_simulation_deprecation)
 
     from fedprge.federation.client_app import app as client_app
     from fedprge.federation.server_app import make_server_app
-    from fedprge.models import prefetch
-    from fedprge.task import load_data
 
-    prefetch(cfg.model.name)  # fail early on a bad model or data set, and fill the caches before the workers start
-    load_data(cfg)
+    check_inputs(cfg)
     writer = writer or RunWriter(cfg)
     outcome: dict = {}
     if cfg.federation.algorithm == "prge":
@@ -72,7 +94,7 @@ def simulate(cfg: RunConfig, writer: RunWriter | None = None, resume: bool = Fal
 
 def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, bool, str | None]:
     p = argparse.ArgumentParser(
-        prog="python -m fedprge.simulate",
+        prog=PROG,
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
@@ -112,8 +134,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, bool, str | No
 
             checkpoint.check_compatible(checkpoint.load(Path(a.resume) / checkpoint.NAME)["config"], cfg)
     except (ValueError, FileNotFoundError) as e:
-        p.error(str(e))
+        _bad_input(e)
     return cfg, a.no_progress, a.resume
+
+
+def _bad_input(e: Exception) -> NoReturn:
+    """Exit with one line on stderr naming the bad value (no usage text, no traceback)."""
+    message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("flwr", "ray", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     cfg, no_progress, resume = parse_args(argv)
+    try:
+        check_inputs(cfg)  # before the results folder and Ray; simulate() checks again, from warm caches
+    except (ValueError, OSError) as e:
+        _bad_input(e)
     try:
         simulate(cfg, RunWriter(cfg, out=resume, progress=not no_progress), resume=resume is not None)
     except RuntimeError as e:

@@ -18,17 +18,17 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from fedprge.config import ClientSection, RunConfig, from_yaml, validate
+from fedprge.config import ClientSection, RunConfig, from_yaml
+from fedprge.config_rules import validate
 from fedprge.data import ClientDataset, FederatedDataset, encode, load_federated, sample_indices
 from fedprge.engine import rng
 from fedprge.engine.adapters import LoRAFA
-from fedprge.engine.backend import Backend, EagerBackend
-from fedprge.engine.estimator import StepRecord, ZOConfig, finish_step, prge_step
+from fedprge.engine.backend import Backend, EagerBackend, backend_step
+from fedprge.engine.estimator import StepRecord, ZOConfig
+from fedprge.engine.seeds import BATCH, DITTO, PERSONAL, private_seeds, step_seeds
 from fedprge.engine.shared_base import resolve_precision
 from fedprge.evaluate import choice_scores, evaluate
-from fedprge.federation.protocol import SeedSpec, step_seeds
-
-_BATCH_DOMAIN, _PERSONAL_DOMAIN, _DITTO_DOMAIN = 5, 6, 11
+from fedprge.privacy import StepPrivatizer, step_rule
 
 
 def checkpoints(steps: int) -> list[int]:
@@ -45,7 +45,6 @@ class TrainResult:
     b: torch.Tensor
     projected_grads: np.ndarray  # (local_steps, q) float32
     loss: float  # mean of the 2q perturbed losses over the steps
-    num_examples: int
 
 
 class Task:
@@ -54,8 +53,7 @@ class Task:
     def __init__(self, cfg: RunConfig, backend: Backend | None = None, tokenizer=None) -> None:
         self.cfg = cfg
         self.zo: ZOConfig = cfg.zo_config()
-        fed = cfg.federation
-        self.spec = SeedSpec(cfg.seed, cfg.zo.q, fed.seed_scope, fed.pool_size if fed.downlink == "pool" else 0)
+        self.spec = cfg.seed_spec()
         if backend is None:
             backend, tokenizer = make_backend(cfg)
         self.backend = backend
@@ -78,18 +76,18 @@ class Task:
 
     def train_batch(self, partition: int, rnd: int, step: int) -> dict[str, torch.Tensor]:
         """The minibatch of local step ``step`` in round ``rnd``: the same for every training method."""
-        return self.batch(partition, _BATCH_DOMAIN, rnd, partition, step)
+        return self.batch(partition, BATCH, rnd, partition, step)
 
     def train(self, b: torch.Tensor, partition: int, rnd: int) -> TrainResult:
         """``local_steps`` P-RGE steps from ``b`` on this client's data; seeds from :func:`step_seeds`."""
         steps, losses, grads = self.cfg.federation.local_steps, [], []
         for step in range(steps):
             batch = self.train_batch(partition, rnd, step)
-            b, rec, loss = self.step(b, step_seeds(self.spec, rnd, partition, step), batch)
+            rule = step_rule(self.cfg, rnd, partition, step)  # DP-ZO clip and noise (None: privacy off)
+            b, rec, loss = self.step(b, step_seeds(self.spec, rnd, partition, step), batch, rule)
             grads.append(rec.projected_grads)
             losses.append(loss)
-        n = steps * self.cfg.federation.batch_size
-        return TrainResult(b, np.asarray(grads, dtype=np.float32), float(np.mean(losses)), n)
+        return TrainResult(b, np.asarray(grads, dtype=np.float32), float(np.mean(losses)))
 
     def local_steps(
         self, b: torch.Tensor, partition: int, steps: int, tag: int, anchor: torch.Tensor | None = None
@@ -118,10 +116,8 @@ class Task:
         if trail is not None:
             trail[0] = b
         for step in range(steps):
-            batch = self.batch(partition, _PERSONAL_DOMAIN, tag, partition, step)
-            seeds = [
-                rng.derive_seed(self.cfg.seed, _PERSONAL_DOMAIN, tag, partition, step, i) for i in range(self.zo.q)
-            ]
+            batch = self.batch(partition, PERSONAL, tag, partition, step)
+            seeds = private_seeds(self.cfg.seed, PERSONAL, tag, partition, step, self.zo.q)
             b, _, _ = self.step(b, seeds, batch)
             if anchor is not None:
                 b = self.prox(b, anchor)
@@ -139,7 +135,7 @@ class Task:
         """Ditto's personal update in training round ``rnd``: ``local_steps`` P-RGE steps on the round's batches
         with private directions, each followed by the pull toward the round's global B. Never sent."""
         for step in range(self.cfg.federation.local_steps):
-            seeds = [rng.derive_seed(self.cfg.seed, _DITTO_DOMAIN, rnd, partition, step, i) for i in range(self.zo.q)]
+            seeds = private_seeds(self.cfg.seed, DITTO, rnd, partition, step, self.zo.q)
             personal, _, _ = self.step(personal, seeds, self.train_batch(partition, rnd, step))
             personal = self.prox(personal, b_global)
         return personal
@@ -150,30 +146,23 @@ class Task:
         return evaluate(self.backend, self.tokenizer, b, c.val, self.cfg.data.max_len, with_acc=False)["loss"]
 
     def step(
-        self, b: torch.Tensor, seeds: list[int], batch: dict[str, torch.Tensor]
+        self, b: torch.Tensor, seeds: list[int], batch: dict[str, torch.Tensor], privatize: StepPrivatizer | None = None
     ) -> tuple[torch.Tensor, StepRecord, float]:
-        """One P-RGE step on ``batch``: ``(new b, StepRecord, mean of the 2q perturbed losses)``.
+        """One P-RGE step on ``batch`` (:func:`~fedprge.engine.backend.backend_step`, the same on every backend):
+        ``(new b, StepRecord, mean of the 2q perturbed losses)``; ``privatize``: the DP-ZO rule of a sent step."""
+        new_b, rec, losses = backend_step(self.backend, b, batch, seeds, self.zo, privatize)
+        return new_b, rec, float(losses.mean())
 
-        An ExecuTorch backend returns the 2q losses for the seeds (its program draws z); the host draws the same
-        z for the update. Either way :func:`~fedprge.engine.estimator.finish_step` turns losses into g and b.
-        """
-        if hasattr(self.backend, "perturbed_losses"):
-            losses = self.backend.perturbed_losses(seeds, b, batch)
-            z = rng.directions(seeds, b.numel(), self.zo.distribution)
-            new_b, rec = finish_step(b, z, seeds, losses, self.zo)
-            return new_b, rec, float(losses.mean())
-        seen: list[torch.Tensor] = []
-
-        def loss_fn(reps: torch.Tensor) -> torch.Tensor:
-            seen.append(self.backend.losses(reps, batch))
-            return seen[-1]
-
-        new_b, rec = prge_step(loss_fn, b, seeds, self.zo)
-        return new_b, rec, float(seen[-1].mean())
-
-    def evaluate(self, b: torch.Tensor, partition: int, label_bias: list[float] | None = None) -> dict[str, float]:
-        test = self.client(partition).test
-        return evaluate(self.backend, self.tokenizer, b, test, self.cfg.data.max_len, label_bias=label_bias)
+    def evaluate(
+        self,
+        b: torch.Tensor,
+        partition: int,
+        label_bias: list[float] | None = None,
+        token_prior: tuple[torch.Tensor, float] | None = None,
+    ) -> dict[str, float]:
+        """Held-out metrics of ``b`` on the client's test split (with a personal output prior, if given)."""
+        test, max_len = self.client(partition).test, self.cfg.data.max_len
+        return evaluate(self.backend, self.tokenizer, b, test, max_len, label_bias=label_bias, token_prior=token_prior)
 
     def choice_scores(self, b: torch.Tensor, examples: list) -> torch.Tensor:
         """(examples, choices) mean NLL of each label word: what a classification decision compares."""

@@ -5,10 +5,12 @@
     python simulations/personalization.py --quick                  # tiny model, one seed, a minute (the test)
 
 Each (setting, seed) is one ``python -m fedprge.simulate`` run in its own process (run folders under
-``--out``); the table is computed from their ``clients.csv``. Per method and client group (clients that trained,
-and the ``eval.unseen_fraction`` newcomers that never did): mean / median / worst-10% of the held-out metric, the
-share of clients better than ``global`` and than ``local``, the share whose held-out loss is no worse than the
-untuned model's, each as mean +- std over seeds; and the bytes per client-round the federation sent.
+``--out``): ``shakespeare`` is the main job as it is (its default methods), the tweets settings run every method
+(Ditto included) with a 10-step budget, newcomers and the step-budget trace. The table is computed from the runs'
+``clients.csv``. Per method and client group (clients that trained, and the ``eval.unseen_fraction`` newcomers
+that never did): mean / median / worst-10% of the held-out metric, the share of clients better than ``global`` and
+than ``local``, the share whose held-out loss is no worse than the untuned model's, each as mean +- std over
+seeds; and the bytes per client-round the federation sent.
 Writes ``personalization.csv`` / ``.md`` / ``.json`` and ``personalization.png`` into ``--out``.
 """
 
@@ -33,6 +35,7 @@ COMMON = [
     "eval.personal_steps=10",
     "eval.every=0",
     "eval.trace=true",
+    "eval.timeout_s=3600",  # one client's evaluation (7 methods, 10 steps, trace) can take many minutes when loaded
 ]
 SMOLLM2 = ["model.precision=shared-bf16"]
 TWEETS = [
@@ -44,9 +47,10 @@ TWEETS = [
     "data.max_test_per_client=16",
 ]
 SETTINGS = {
-    "shakespeare": ["federation.clients=50"],  # the main job's setting
-    "tweets-0.1": [*TWEETS, "data.alpha=0.1"],
-    "tweets-1.0": [*TWEETS, "data.alpha=1.0"],
+    # the main job as it is (its default methods; Ditto and mix would double every sampled client's forwards)
+    "shakespeare": ["federation.clients=50"],
+    "tweets-0.1": [*TWEETS, "data.alpha=0.1", *COMMON],
+    "tweets-1.0": [*TWEETS, "data.alpha=1.0", *COMMON],
 }
 QUICK = ["federation.clients=5", "eval.personal_steps=4", "data.max_test_per_client=4", "federation.batch_size=2"]
 
@@ -55,8 +59,15 @@ def run(setting: str, seed: int, out: Path, quick: bool) -> Path:
     """One federation in its own process; returns its run folder (reused when it already finished)."""
     folder = out / f"{setting}-seed{seed}"
     if done := sorted(folder.glob("*/summary.json")):
-        return done[-1].parent
-    args = [*SETTINGS[setting], *COMMON, f"seed={seed}", f"name={setting}", "--out", str(folder), "--no-progress"]
+        summary = json.loads(done[-1].read_text())
+        if summary["clients_evaluated"] == summary["clients_expected"] and not summary["missing_untuned"]:
+            return done[-1].parent
+        print(
+            f"{setting} seed {seed}: {done[-1].parent} evaluated {summary['clients_evaluated']} of "
+            f"{summary['clients_expected']} clients; running it again",
+            flush=True,
+        )
+    args = [*SETTINGS[setting], f"seed={seed}", f"name={setting}", "--out", str(folder), "--no-progress"]
     args = ["--config", "configs/smoke.yaml", *args, *QUICK] if quick else [*SMOLLM2, *args]
     t0 = time.monotonic()
     for attempt in (1, 2):  # a run killed from outside (say, its Ray node) is started over once, from scratch
@@ -113,8 +124,9 @@ def table(runs: dict[str, list[Path]]) -> list[dict]:
             down.append(summary["downlink_bytes_per_client_round"])
             groups = {"trained": [r for r in rows if int(r["partition"]) not in unseen]}
             groups["unseen"] = [r for r in rows if int(r["partition"]) in unseen]
+            methods = [m for m in ["untuned", *METHODS] if f"{m}_{metric}" in rows[0]]  # those the run evaluated
             for group, members in groups.items():
-                for method in ["untuned", *METHODS] if members else []:
+                for method in methods if members else []:
                     stats = group_stats(members, method, metric, higher)
                     per_seed.setdefault((group, method), []).append(stats)
         for (group, method), seeds in per_seed.items():
@@ -156,10 +168,17 @@ def plot(runs: dict[str, list[Path]], path: Path) -> None:
     for (setting, folders), (ax1, ax2) in zip(runs.items(), axes, strict=True):
         summaries = [read_run(f) for f in folders]
         metric, higher = summaries[0][0]["metric"], summaries[0][0]["higher_is_better"]
-        for method, marker in (("finetune", "o"), ("mix", "^"), ("prior", "s"), ("local", "x")):
+        for method, marker, color in (
+            ("finetune", "o", "C0"),
+            ("mix", "^", "C2"),
+            ("prior", "s", "C3"),
+            ("local", "x", "C1"),
+        ):
+            if f"{method}_{metric}" not in summaries[0][1][0]:
+                continue
             xs = [r[f"global_{metric}"] for _, rows, _ in summaries for r in rows]
             ys = [r[f"{method}_{metric}"] for _, rows, _ in summaries for r in rows]
-            ax1.scatter(xs, ys, s=14, marker=marker, alpha=0.6, label=method)
+            ax1.scatter(xs, ys, s=14, marker=marker, color=color, alpha=0.6, label=method)
         lo, hi = ax1.get_xlim()
         ax1.plot([lo, hi], [lo, hi], color="grey", lw=1)
         ax1.set_xlabel(f"global B: held-out {metric}")
@@ -177,13 +196,24 @@ def plot(runs: dict[str, list[Path]], path: Path) -> None:
                 ]
             )
             if gains.size:
-                ax2.errorbar(budgets, gains.mean(0), yerr=gains.std(0), marker="o", capsize=3, label=method)
+                ax2.errorbar(
+                    budgets,
+                    gains.mean(0),
+                    yerr=gains.std(0),
+                    marker="o",
+                    capsize=3,
+                    label=method,
+                    color="C0" if method == "finetune" else "C1",
+                )
         ax2.axhline(0, color="grey", lw=1)
         ax2.set_xscale("symlog", linthresh=1)
         ax2.set_xlabel("local P-RGE steps (fixed budget, no validation choice)")
         ax2.set_ylabel(f"mean held-out {metric} minus global's")
         ax2.set_title(f"{setting}: gain vs step budget (± std over seeds)")
-        ax2.legend()
+        if ax2.get_legend_handles_labels()[0]:
+            ax2.legend()
+        else:
+            ax2.text(0.5, 0.5, "no step-budget trace in this setting", ha="center", transform=ax2.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

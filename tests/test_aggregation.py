@@ -1,4 +1,4 @@
-"""Aggregation and the numeric defences, rule by rule: what ``PRGEStrategy._combine`` makes of the accepted scalars
+"""Aggregation and the numeric defences, rule by rule: what ``aggregation.combine`` makes of the accepted scalars
 (example-count weights, shared or own seeds, mean / trimmed mean / median) and the pure functions of ``defences.py``
 at their boundaries. Real Flower messages built by hand, no simulation: milliseconds each."""
 
@@ -13,8 +13,9 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from test_reliability import P, _reply, _sent, _strategy
 
 from fedprge.engine import rng
+from fedprge.engine.seeds import step_seeds
 from fedprge.federation import defences
-from fedprge.federation.protocol import apply_coefficients, pack_f32, step_seeds
+from fedprge.federation.protocol import apply_coefficients, pack_f32
 
 G = [np.arange(1, 5, dtype=np.float32) * s for s in (1.0, -0.5, 2.0, 0.25, -1.5)]  # 4 scalars: 2 steps x q=2
 

@@ -55,6 +55,21 @@ def test_compare_writes_table_markdown_json_and_plot(compared):
     assert median > 300 and all(abs(p - median) < 0.3 * median for p in peaks), peaks
 
 
+def test_fedavg_and_prge_runs_write_the_same_rounds_columns(compared):
+    out, _ = compared
+    headers = {}
+    for m in METHODS:
+        with open(out / m / "rounds.csv") as f:
+            rows = list(csv.DictReader(f))
+        headers[m] = list(rows[0])
+        assert int(rows[-1]["cum_uplink_bytes"]) == sum(int(r["uplink_bytes"]) for r in rows), m
+        assert all(float(r["train_loss"]) > 0 for r in rows), m  # every method's clients report their train loss
+        if m.startswith("fedavg"):  # its dense state goes to every sampled client; nothing is replayed
+            assert all(r["down_weights"] == r["sampled"] != "0" and r["down_seeds"] == "0" for r in rows), m
+            assert all(r["reconstruction_error"] == "nan" for r in rows), m
+    assert all(h == headers["prge-seeds"] for h in headers.values()), headers
+
+
 def test_calculator_matches_measured_bytes_within_5_percent(compared):
     _, rows = compared
     cfg = load_config(

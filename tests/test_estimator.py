@@ -4,7 +4,7 @@ from conftest import small_llama
 
 from fedprge.engine import rng
 from fedprge.engine.adapters import LoRAConfig, LoRAFA
-from fedprge.engine.backend import EagerBackend
+from fedprge.engine.backend import EagerBackend, backend_step
 from fedprge.engine.backprop import BackpropTrainer
 from fedprge.engine.estimator import (
     StepRecord,
@@ -51,6 +51,18 @@ def test_batched_step_matches_sequential_in_float32(batch):
     torch.testing.assert_close(
         torch.tensor(rec_par.projected_grads), torch.tensor(rec_seq.projected_grads), rtol=0, atol=2e-4
     )
+
+
+def test_backend_step_is_the_prge_step_of_the_backend_losses(batch):
+    backend = make_backend()
+    b0 = 0.05 * rng.directions([5], backend.num_params)[0]
+    cfg, seeds = ZOConfig(q=3, eps=1e-2, lr=5e-2), [rng.derive_seed(4, i) for i in range(3)]
+    b, rec, losses = backend_step(backend, b0, batch, seeds, cfg)
+    want_b, want_rec = prge_step(lambda r: backend.losses(r, batch), b0, seeds, cfg)
+    assert torch.equal(b, want_b) and rec == want_rec and losses.shape == (6,)
+    z = rng.directions(seeds, backend.num_params)
+    assert torch.equal(losses[:3], backend.losses(b0 + cfg.eps * z, batch))  # +eps first, -eps last
+    assert torch.equal(losses[3:], backend.losses(b0 - cfg.eps * z, batch))
 
 
 def test_replay_reproduces_a_trajectory_bit_for_bit(batch):

@@ -9,8 +9,10 @@ pytest.importorskip("executorch")
 
 from fedprge.engine import rng  # noqa: E402
 from fedprge.engine.backend import EagerBackend  # noqa: E402
-from fedprge.engine.estimator import perturbed_replicas  # noqa: E402
+from fedprge.engine.estimator import ZOConfig, perturbed_replicas  # noqa: E402
+from fedprge.export.backend import PTEBackend  # noqa: E402
 from fedprge.export.lower import ProgramSpec, export_pte, spec_path  # noqa: E402
+from fedprge.export.program import NLLProgram, PRGEProgram  # noqa: E402
 from fedprge.export.runtime import PTEProgram  # noqa: E402
 
 Q, BS, T, EPS = 2, 2, 16, 1e-2
@@ -64,6 +66,33 @@ def test_losses_match_eager(program, eager, shape):
     assert got.shape == (2 * Q,) and got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert not torch.equal(got[:Q], got[Q:])  # the +eps and -eps halves differ
+
+
+def test_program_computes_the_eager_nll_before_export(eager):
+    """The program's all-positions, masked NLL is the eager backend's labelled-positions one (same head_nll)."""
+    batch, b = make_batch(BS, T), 0.05 * rng.directions([99], eager.num_params)[0]
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+    with torch.no_grad():
+        got = PRGEProgram(eager.model, eager.lora, Q, EPS)(*inputs, torch.tensor(SEEDS), b)
+        sums, counts = NLLProgram(eager.model, eager.lora)(*inputs, b)
+    want = eager.perturbed_losses(b, batch, SEEDS, ZOConfig(q=Q, eps=EPS))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    want_sums, want_counts = eager.example_nll(b, batch)
+    torch.testing.assert_close(sums, want_sums, rtol=1e-6, atol=0)  # sums of ~13 token NLLs: a few fp32 ulps
+    assert torch.equal(counts, want_counts)
+
+
+def test_backend_refuses_a_step_with_another_eps(program):
+    backend, batch = PTEBackend(program), make_batch(BS, T)
+    b = torch.zeros(program.num_params)
+    torch.testing.assert_close(
+        backend.perturbed_losses(b, batch, SEEDS, ZOConfig(q=Q, eps=EPS)),
+        program.losses(SEEDS, b, batch),
+        rtol=0,
+        atol=0,
+    )
+    with pytest.raises(ValueError, match=r"exported for eps=0.01.*eps=0.02"):
+        backend.perturbed_losses(b, batch, SEEDS, ZOConfig(q=Q, eps=2 * EPS))
 
 
 def test_too_long_batch_is_rejected(program):

@@ -101,6 +101,10 @@ def test_pte_task_trains_and_evaluates_like_the_eager_task(pte):
     assert prog.evaluate(want.b, 1)["loss"] == pytest.approx(eager.evaluate(want.b, 1)["loss"], abs=1e-5)
     personal = prog.local_steps(b0, 1, 2, tag=1)
     torch.testing.assert_close(personal, eager.local_steps(b0, 1, 2, tag=1), rtol=0, atol=1e-4)
+    # the program's nll gives per-example sums: the language-modelling prior is unavailable there, and says so
+    from fedprge.personalize import prior
+
+    assert prior(prog, b0, 1).chosen == {"unavailable": 1.0} and prior(eager, b0, 1).chosen["lambda"] > 0
 
 
 @pytest.mark.slow

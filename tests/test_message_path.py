@@ -36,7 +36,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedprge.config import load_config, to_yaml
 from fedprge.engine import rng
-from fedprge.federation.protocol import GlobalState, SeedSpec, step_seeds, unpack_f32
+from fedprge.engine.seeds import SeedSpec, step_seeds
+from fedprge.federation.protocol import GlobalState, unpack_f32
 from fedprge.federation.server_app import accept_registrations, register, wait_for_nodes
 from fedprge.federation.strategy import PRGEStrategy
 from fedprge.federation.traffic import Traffic
@@ -92,7 +93,7 @@ def drive(grid: Grid, out: dict) -> None:
     s = PRGEStrategy(cfg, clients, num_params)
 
     # round 1: every registered client; the straggler's reply comes after the deadline
-    sent1 = list(s.configure_train(1, None, None, grid))
+    sent1 = list(s.configure_train(1))
     start = time.monotonic()
     replies1 = list(grid.send_and_receive(sent1, timeout=TIMEOUT_S))
     waited = time.monotonic() - start
@@ -106,7 +107,7 @@ def drive(grid: Grid, out: dict) -> None:
     late_after = time.monotonic() - start
 
     # round 2: clients 0 and 1, and replies that answer nothing the server sent in round 2
-    sent2 = [m for m in s.configure_train(2, None, None, grid) if m.metadata.dst_node_id in (node_of[0], node_of[1])]
+    sent2 = [m for m in s.configure_train(2) if m.metadata.dst_node_id in (node_of[0], node_of[1])]
     extra = [train_message(2, node_of[1], s.b), train_message(2, node_of[UNKNOWN], s.b)]
     replies2 = list(grid.send_and_receive(sent2 + extra, timeout=300))
     by_dst = {m.metadata.message_id: m.metadata.dst_node_id for m in sent2}
@@ -119,7 +120,7 @@ def drive(grid: Grid, out: dict) -> None:
     b2 = s.b.clone()
 
     # round 3: one valid reply (client 0) and a NaN one (client 3): fewer than min_clients=2
-    sent3 = [m for m in s.configure_train(3, None, None, grid) if m.metadata.dst_node_id in (node_of[0], node_of[3])]
+    sent3 = [m for m in s.configure_train(3) if m.metadata.dst_node_id in (node_of[0], node_of[3])]
     stats3 = s.aggregate(3, list(grid.send_and_receive(sent3, timeout=300)), sent=sent3)
     out.update(
         clients=clients,

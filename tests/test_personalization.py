@@ -6,6 +6,8 @@ The federation tests are real Flower simulations on Ray with the tiny model (con
 from __future__ import annotations
 
 import csv
+import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -13,18 +15,19 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedprge.config import load_config, to_yaml
-from fedprge.data import load_federated
+from fedprge.data import encode, load_federated
 from fedprge.engine.estimator import ZOConfig, clip_rms, finish_step
+from fedprge.engine.seeds import step_seeds
 from fedprge.federation import client_app
-from fedprge.federation.protocol import GlobalState, step_seeds
+from fedprge.federation.protocol import GlobalState
 from fedprge.federation.sampling import sample_round, unseen_clients
-from fedprge.personalize import MIX_WEIGHTS, PRIOR_WEIGHTS, mix, personalize, prior
+from fedprge.personalize import MIX_WEIGHTS, PRIOR_WEIGHTS, TOKEN_PRIOR_WEIGHTS, mix, personalize, prior
 from fedprge.results import RunWriter
 from fedprge.simulate import simulate
 from fedprge.task import Task, checkpoints
 
 SMOKE = "configs/smoke.yaml"
-ALL = "eval.personalization=[global,finetune,local,personal,ditto,mix]"
+ALL = "eval.personalization=[global,finetune,local,personal,ditto,mix,prior]"
 
 
 @pytest.fixture(scope="module")
@@ -187,4 +190,66 @@ def test_prior_shifts_the_decision_by_the_clients_own_label_frequencies():
     want = sum(c.test[i].choices[j] == c.test[i].target for i, j in enumerate(scores.argmin(1).tolist())) / len(c.test)
     assert tw.evaluate(b, 3, got.label_bias)["acc"] == want
     assert tw.evaluate(b, 3, got.label_bias)["loss"] == tw.evaluate(b, 3)["loss"]  # the shift is a decision rule only
-    assert prior(Task(load_config([SMOKE])), b, 0).label_bias is None  # language modelling: nothing to shift
+    assert prior(Task(load_config([SMOKE])), b, 0).label_bias is None  # language modelling: no label decision
+
+
+def _target_probs(task: Task, b: torch.Tensor, examples) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's probability of every scored target token, and the token ids, from the full logits (float64)."""
+    probs, ids = [], []
+    for ex in examples:
+        batch = encode(task.tokenizer, [ex], task.cfg.data.max_len)
+        with torch.no_grad(), task.backend.lora.use(b.reshape(1, -1)):
+            logits = task.backend.model(input_ids=batch["input_ids"]).logits[0, :-1].double()
+        t = batch["labels"][0, 1:]
+        probs.append(logits.softmax(-1)[t != -100].gather(1, t[t != -100, None])[:, 0])
+        ids.append(t[t != -100])
+    return torch.cat(probs), torch.cat(ids)
+
+
+def test_prior_mixes_the_clients_own_unigram_into_the_next_token_distribution(task):
+    """Language modelling: p = (1 - lam) p_model + lam pi, pi the client's training-target token frequencies, lam
+    of lowest validation loss. The tiny random model is near uniform over 49,152 tokens (loss 10.8), so a client's
+    unigram helps a lot: lam > 0, and the test loss drops by more than a nat."""
+    p, b = 1, torch.zeros(task.num_params)
+    c = task.client(p)
+    got = prior(task, b, p)
+    scored = [ids for ex in c.train for ids in [encode(task.tokenizer, [ex], task.cfg.data.max_len)["labels"][0, 1:]]]
+    counts = Counter(int(t) for ids in scored for t in ids if t != -100)
+    pi, lam = got.token_prior
+    assert {int(t): float(pi[t]) for t in pi.nonzero()[:, 0]} == pytest.approx(
+        {t: n / sum(counts.values()) for t, n in counts.items()}, rel=1e-6
+    )
+
+    def mixed(examples, w):  # mean NLL under the mixture, from the model's full softmax
+        probs, ids = _target_probs(task, b, examples)
+        return float(-torch.log((1 - w) * probs + w * pi.double()[ids]).mean())
+
+    val = {w: mixed(c.val, w) for w in TOKEN_PRIOR_WEIGHTS}
+    assert lam == min(val, key=val.get) > 0 and got.chosen == {"lambda": lam}
+    plain = task.evaluate(b, p)["loss"]
+    assert task.evaluate(b, p, token_prior=(pi, lam))["loss"] == pytest.approx(mixed(c.test, lam), abs=1e-4)
+    assert plain == pytest.approx(mixed(c.test, 0.0), abs=1e-4)
+    assert plain - mixed(c.test, lam) > 1.0
+    assert task.evaluate(b, p, token_prior=(pi, 0.0))["loss"] == plain  # weight 0: the model alone
+    out = personalize(task, ["finetune", "prior"], b, p)  # prior mixes into finetune's B
+    assert torch.equal(out["prior"].b, out["finetune"].b)
+
+
+@pytest.mark.slow
+def test_the_study_script_tables_every_method_each_run_evaluated(tmp_path):
+    """simulations/personalization.py --quick: one tiny run per setting; the table has a row per method the run
+    evaluated (the main-job setting has no Ditto), for trained clients and newcomers apart, and the plot."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "simulations/personalization.py", "--quick", "--seeds", "0", "--out", str(tmp_path)]
+    subprocess.run([*cmd, "--settings", "shakespeare", "tweets-0.1"], check=True, timeout=900)
+    rows = json.loads((tmp_path / "personalization.json").read_text())
+    got = {(r["setting"], r["clients"], r["method"]) for r in rows}
+    main_job = {"untuned", "global", "finetune", "local", "personal", "prior"}
+    assert {m for s, g, m in got if s == "shakespeare"} == main_job
+    assert {m for s, g, m in got if s == "tweets-0.1" and g == "trained"} == main_job | {"ditto", "mix"}
+    assert {g for s, g, m in got if s == "tweets-0.1"} == {"trained", "unseen"}
+    prior_row = next(r for r in rows if r["setting"] == "shakespeare" and r["method"] == "prior")
+    assert prior_row["loss_no_worse_than_untuned"] == 1.0 and prior_row["uplink_B_per_client_round"] > 0
+    assert (tmp_path / "personalization.png").stat().st_size > 10_000

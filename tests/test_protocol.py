@@ -5,15 +5,8 @@ from flwr.app import ConfigRecord
 
 from fedprge.engine import rng
 from fedprge.engine.estimator import StepRecord, apply_update, replay
-from fedprge.federation.protocol import (
-    GlobalState,
-    RoundUpdate,
-    SeedSpec,
-    apply_coefficients,
-    decode_grads,
-    pack_f32,
-    step_seeds,
-)
+from fedprge.engine.seeds import SeedSpec, step_seeds
+from fedprge.federation.protocol import GlobalState, RoundUpdate, apply_coefficients, decode_grads, pack_f32
 
 
 def test_global_state_round_trips_in_every_form():

@@ -17,11 +17,12 @@ from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 
 from fedprge.config import load_config, to_yaml
+from fedprge.engine.seeds import SeedSpec
 from fedprge.federation import checkpoint, faults
-from fedprge.federation.protocol import GlobalState, SeedSpec, pack_f32
+from fedprge.federation.protocol import GlobalState, pack_f32
+from fedprge.federation.registry import Client, accept_registrations
 from fedprge.federation.sampling import sample_round
-from fedprge.federation.server_app import accept_registrations
-from fedprge.federation.strategy import Client, PRGEStrategy
+from fedprge.federation.strategy import PRGEStrategy
 from fedprge.results import RunWriter
 from fedprge.simulate import simulate
 

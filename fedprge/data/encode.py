@@ -7,13 +7,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from fedprge.checks import check_range
 from fedprge.data.types import Example
 
 IGNORE_INDEX = -100
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -30,8 +27,7 @@ def encode(tokenizer, examples: Sequence[Example], max_len: int) -> dict[str, to
     """
     if not examples:
         raise ValueError("encode needs at least one example")
-    if not _is_int(max_len) or max_len < 1:
-        raise ValueError(f"max_len={max_len!r} is invalid; it must be an integer >= 1")
+    check_range("max_len", max_len, "[1, inf)", integer=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with")
@@ -56,9 +52,7 @@ def sample_indices(n: int, batch_size: int, seed: int) -> list[int]:
 
     Without replacement; with replacement only when ``n < batch_size``.
     """
-    if not _is_int(n) or n < 1:
-        raise ValueError(f"n={n!r} is invalid; there must be at least one example to sample from")
-    if not _is_int(batch_size) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} is invalid; it must be an integer >= 1")
+    check_range("n", n, "[1, inf)", integer=True, note="the number of examples to sample from")
+    check_range("batch_size", batch_size, "[1, inf)", integer=True)
     rng = np.random.default_rng(seed)
     return rng.choice(n, size=batch_size, replace=n < batch_size).tolist()

@@ -6,19 +6,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fedprge.checks import check_range
 from fedprge.data import jsonl, shakespeare, tweets
 from fedprge.data import partition as parts
 from fedprge.data.types import ClientDataset, Example, FederatedDataset
 
 PARTITIONS = ("natural", "iid", "dirichlet")
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
 def _validate(
@@ -35,19 +28,14 @@ def _validate(
         raise ValueError(f"unknown task {task!r}; expected 'shakespeare', 'tweets' or a path ending in .jsonl")
     if partition not in PARTITIONS:
         raise ValueError(f"unknown partition {partition!r}; expected one of {', '.join(PARTITIONS)}")
-    if not _is_int(num_clients) or num_clients < 1:
-        raise ValueError(f"num_clients={num_clients!r} is invalid; it must be an integer >= 1")
-    if not _is_number(alpha) or not 0 < alpha < float("inf"):
-        raise ValueError(f"alpha={alpha!r} is invalid; the Dirichlet concentration must be a finite number > 0")
-    if not _is_int(seed) or seed < 0:
-        raise ValueError(f"seed={seed!r} is invalid; it must be an integer >= 0")
-    if not _is_number(test_fraction) or not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction={test_fraction!r} is invalid; it must be a number in (0, 1)")
+    check_range("num_clients", num_clients, "[1, inf)", integer=True)
+    check_range("alpha", alpha, "(0, inf)", note="the Dirichlet concentration")
+    check_range("seed", seed, "[0, inf)", integer=True)
+    check_range("test_fraction", test_fraction, "(0, 1)")
     for name, value in limits.items():
-        if value is not None and (not _is_int(value) or value < 0):
-            raise ValueError(f"{name}={value!r} is invalid; it must be None or an integer >= 0")
-    if not _is_int(chunk_words) or chunk_words < 1:
-        raise ValueError(f"chunk_words={chunk_words!r} is invalid; it must be an integer >= 1")
+        if value is not None:
+            check_range(name, value, "[0, inf)", integer=True, note="None: no limit")
+    check_range("chunk_words", chunk_words, "[1, inf)", integer=True)
 
 
 def _no_labels(task: str) -> ValueError:
@@ -143,8 +131,7 @@ def load_federated(
         "max_test_per_client": max_test_per_client,
         "max_val_per_client": max_val_per_client,
     }
-    if not _is_number(val_fraction) or not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction={val_fraction!r} is invalid; it must be a number in [0, 1)")
+    check_range("val_fraction", val_fraction, "[0, 1)")
     _validate(task, num_clients, partition, alpha, seed, test_fraction, limits, chunk_words)
     rng = np.random.default_rng(seed)
     if task == "shakespeare":

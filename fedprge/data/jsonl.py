@@ -58,6 +58,9 @@ def load_jsonl(path: str | Path) -> tuple[str, tuple[Example, ...], tuple[str | 
     """``(kind, examples, each example's client or None)`` for a JSONL file (cached while unchanged)."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"JSONL dataset {str(path)!r} does not exist")
+        raise FileNotFoundError(
+            f"JSONL dataset {str(path)!r} does not exist ({p.absolute()}); a task is 'shakespeare', 'tweets' "
+            "or the path of an existing .jsonl file"
+        )
     st = p.stat()
     return _parse(str(p.resolve()), st.st_mtime_ns, st.st_size)

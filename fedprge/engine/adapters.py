@@ -139,7 +139,3 @@ class LoRAFA:
         finally:
             for layer in self.layers:
                 layer.B = None
-
-    def state_dict(self, b: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Named (out, r) B matrices of a flat state, for saving in peft-like naming."""
-        return {f"{n}.lora_B": B[0].clone() for n, B in zip(self.names, self.split(b), strict=True)}

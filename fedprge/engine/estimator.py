@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedprge.checks import check_range
 from fedprge.engine import rng
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]  # (dup, P) replicas of b -> (dup,) losses on a fixed batch
@@ -43,14 +44,10 @@ class ZOConfig:
     clip: float = 0.0  # bound on the RMS of a step's projected gradients (0: off); see the module docstring
 
     def __post_init__(self) -> None:
-        if not isinstance(self.q, int) or isinstance(self.q, bool) or self.q < 1:
-            raise ValueError(f"q={self.q!r} is invalid; the number of directions must be an integer >= 1")
-        if not (isinstance(self.eps, (int, float)) and self.eps > 0):
-            raise ValueError(f"eps={self.eps!r} is invalid; the perturbation size must be > 0")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr={self.lr!r} is invalid; the learning rate must be > 0")
-        if not (isinstance(self.clip, (int, float)) and 0 <= self.clip < float("inf")):
-            raise ValueError(f"clip={self.clip!r} is invalid; it must be a finite number >= 0 (0: off)")
+        check_range("q", self.q, "[1, inf)", integer=True, note="the number of directions")
+        check_range("eps", self.eps, "(0, inf)", note="the perturbation size")
+        check_range("lr", self.lr, "(0, inf)", note="the learning rate")
+        check_range("clip", self.clip, "[0, inf)", note="0: off")
         rng.check_distribution(self.distribution)
 
 
@@ -96,7 +93,7 @@ def perturbed_replicas(b: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Te
 
 
 def prge_step(loss_fn: LossFn, b: torch.Tensor, seeds: Sequence[int], cfg: ZOConfig) -> tuple[torch.Tensor, StepRecord]:
-    """One P-RGE step: all 2q perturbed losses from one call of ``loss_fn``."""
+    """One P-RGE step on a ``loss_fn`` of replicas: the 2q perturbed losses in one call, then :func:`finish_step`."""
     z = rng.directions(seeds, b.numel(), cfg.distribution)
     with torch.no_grad():
         losses = loss_fn(perturbed_replicas(b, z, cfg.eps))
@@ -104,18 +101,26 @@ def prge_step(loss_fn: LossFn, b: torch.Tensor, seeds: Sequence[int], cfg: ZOCon
 
 
 def finish_step(
-    b: torch.Tensor, z: torch.Tensor, seeds: Sequence[int], losses: torch.Tensor, cfg: ZOConfig
+    b: torch.Tensor,
+    z: torch.Tensor,
+    seeds: Sequence[int],
+    losses: torch.Tensor,
+    cfg: ZOConfig,
+    privatize: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, StepRecord]:
     """The rest of a P-RGE step once its 2q losses (order of :func:`perturbed_replicas`) are known.
 
-    Shared by :func:`prge_step` and clients whose losses come from elsewhere (an ExecuTorch program that draws
-    the directions itself), so every client turns losses into g and the new b with the same float32 ops.
+    Shared by :func:`prge_step` and every client, whose losses come from its backend's ``perturbed_losses`` (eager
+    or an ExecuTorch program), so all turn losses into g and the new b with the same float32 ops. ``privatize``
+    (DP-ZO, :mod:`fedprge.privacy`) maps g to what is applied and recorded: clipped and noised before use.
     """
     q = len(seeds)
     losses = losses.to(torch.float32)
     if losses.shape != (2 * q,):
         raise ValueError(f"a P-RGE step with q={q} needs 2q={2 * q} losses, got shape {tuple(losses.shape)}")
     g = clip_rms((losses[:q] - losses[q:]) / (2 * cfg.eps), cfg.clip)
+    if privatize is not None:
+        g = privatize(g)
     return apply_update(b, z, g, cfg.lr), StepRecord(tuple(int(s) for s in seeds), tuple(g.tolist()))
 
 

@@ -23,32 +23,40 @@ import torch
 
 from fedprge.config import RunConfig
 from fedprge.engine.backend import Batch
+from fedprge.engine.estimator import ZOConfig
 from fedprge.export.lower import ProgramSpec, spec_path
 from fedprge.export.runtime import PTEProgram
 
 
 class PTEBackend:
-    """:class:`~fedprge.engine.backend.Backend` over a .pte, plus :meth:`perturbed_losses` (seeds in, 2q out)."""
+    """:class:`~fedprge.engine.backend.Backend` over a .pte: the program draws z from the seeds itself."""
 
     def __init__(self, program: PTEProgram) -> None:
         self.program = program
         self.num_params = program.num_params
+        self.per_token = False  # its nll method returns per-example sums
 
-    def perturbed_losses(self, seeds: Sequence[int], b: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def perturbed_losses(self, b: torch.Tensor, batch: Batch, seeds: Sequence[int], zo: ZOConfig) -> torch.Tensor:
         """(2q,) losses of b + eps z_i (first q) and b - eps z_i (last q), computed by the program."""
+        spec = self.program.spec
+        if spec is not None and (spec.eps, spec.distribution) != (float(zo.eps), zo.distribution):
+            raise ValueError(
+                f"{self.program.path.name} was exported for eps={spec.eps!r}, distribution={spec.distribution!r}; "
+                f"this step asks for eps={zo.eps!r}, distribution={zo.distribution!r}: export a matching program"
+            )
         return self.program.losses(seeds, b, batch)
-
-    def losses(self, b: torch.Tensor, batch: Batch) -> torch.Tensor:
-        raise NotImplementedError(
-            "an ExecuTorch program draws its directions itself: it takes seeds, not B replicas; "
-            "use perturbed_losses(seeds, b, batch)"
-        )
 
     def example_nll(self, b: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-example summed NLL and target counts, in chunks of the program's static batch size."""
         rows, step = batch["input_ids"].shape[0], self.program.batch_size
         parts = [self.program.nll(b, {k: v[i : i + step] for k, v in batch.items()}) for i in range(0, rows, step)]
         return torch.cat([s for s, _ in parts]), torch.cat([c for _, c in parts])
+
+    def token_nll(self, b: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        raise ValueError(
+            "this .pte's nll method returns per-example sums, not per-token losses; the 'prior' personalization of a "
+            "language-modelling task needs client.backend=eager"
+        )
 
 
 def export_args(cfg: RunConfig) -> list[str]:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fedprge.checks import check_range
 from fedprge.data.encode import IGNORE_INDEX
 from fedprge.engine import rng
 from fedprge.engine.adapters import LoRAFA
+from fedprge.engine.backend import head_nll
 from fedprge.engine.estimator import perturbed_replicas
-
-HEAD_CHUNK_ROWS = 128  # positions per LM-head slice: the vocabulary-sized logits exist for one slice at a time
 
 
 def token_nll(
@@ -27,28 +27,21 @@ def token_nll(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     labels: torch.Tensor,
-    chunk_rows: int = HEAD_CHUNK_ROWS,
 ) -> torch.Tensor:
-    """NLL of every next token under each row of ``reps`` (dup, P) -> (dup * bs, T - 1), 0 where unlabelled.
+    """NLL of every next token under each row of ``reps`` (dup, P) -> (dup, bs, T - 1), 0 where unlabelled.
 
-    The LM head runs on every position (a selection of labelled rows has a data-dependent shape), in static
-    slices of ``chunk_rows`` positions; ExecuTorch's memory planner gives all slices one buffer, so the
-    (positions x vocabulary) logits never exist at once. Unlabelled positions are masked out.
+    The eager backend's :func:`~fedprge.engine.backend.head_nll`, run on every position instead of the labelled
+    ones only (a selection of labelled rows has a data-dependent shape); unlabelled positions are masked out.
     """
     dup = reps.shape[0]
+    targets = labels[:, 1:]
     with lora.use(reps):
         hidden = model.base_model(
             input_ids=input_ids.repeat(dup, 1), attention_mask=attention_mask.repeat(dup, 1)
         ).last_hidden_state
-    head = model.get_output_embeddings()
-    rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    targets = labels[:, 1:].repeat(dup, 1)
-    flat = targets.reshape(-1).clamp(min=0)
-    parts = []
-    for start in range(0, rows.shape[0], chunk_rows):
-        logp = torch.log_softmax(head(rows[start : start + chunk_rows]).float(), dim=-1)
-        parts.append(-logp.gather(-1, flat[start : start + chunk_rows].unsqueeze(-1)).squeeze(-1))
-    nll = torch.cat(parts).reshape(targets.shape)
+        rows = hidden[:, :-1].reshape(dup, -1, hidden.shape[-1])  # replica-major
+        nll = head_nll(model.get_output_embeddings(), rows, targets.reshape(-1).clamp(min=0))
+    nll = nll.reshape(dup, *targets.shape)
     return torch.where(targets != IGNORE_INDEX, nll, torch.zeros_like(nll))
 
 
@@ -77,10 +70,8 @@ class PRGEProgram(nn.Module):
 
     def __init__(self, model: nn.Module, lora: LoRAFA, q: int, eps: float, distribution: str = "gaussian") -> None:
         super().__init__()
-        if not isinstance(q, int) or isinstance(q, bool) or q < 1:
-            raise ValueError(f"q={q!r} is invalid; the number of directions must be an integer >= 1")
-        if not (isinstance(eps, (int, float)) and eps > 0):
-            raise ValueError(f"eps={eps!r} is invalid; the perturbation size must be > 0")
+        check_range("q", q, "[1, inf)", integer=True, note="the number of directions")
+        check_range("eps", eps, "(0, inf)", note="the perturbation size")
         self.model = model
         self.lora = lora
         self.q = q
@@ -93,7 +84,7 @@ class PRGEProgram(nn.Module):
     ) -> torch.Tensor:
         """Mean-token NLL of the batch under each row of ``reps`` (dup, P) -> (dup,)."""
         nll = token_nll(self.model, self.lora, reps, input_ids, attention_mask, labels)
-        return nll.reshape(reps.shape[0], -1).sum(1) / (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
+        return nll.flatten(1).sum(1) / (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
 
     def forward(
         self,
@@ -122,5 +113,5 @@ class NLLProgram(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, b: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        nll = token_nll(self.model, self.lora, b.unsqueeze(0), input_ids, attention_mask, labels)
+        nll = token_nll(self.model, self.lora, b.unsqueeze(0), input_ids, attention_mask, labels)[0]
         return nll.sum(1), (labels[:, 1:] != IGNORE_INDEX).sum(1)

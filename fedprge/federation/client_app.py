@@ -17,7 +17,8 @@ from flwr.clientapp import ClientApp
 
 from fedprge.export.run_folder import save_personal_b
 from fedprge.federation import faults
-from fedprge.federation.protocol import GlobalState, apply_coefficients, pack_f32
+from fedprge.federation.protocol import GlobalState, pack_f32
+from fedprge.federation.updates import catch_up, pool_b
 from fedprge.personalize import TRAINED_IN_ROUNDS, personalize
 from fedprge.task import Task, client_overrides, load_task
 
@@ -44,28 +45,19 @@ def sync_global(task: Task, context: Context, msg: Message, keep: bool = True) -
     """Turn the downlinked state into the global B, and (``keep``) remember it for the next seed-form update."""
     kind = str(msg.content["round"]["downlink"])
     state = GlobalState.from_record(kind, msg.content["state"])
-    zo = task.zo
     if kind == "weights":
         b = state.b
         if b.numel() != task.num_params:
             raise ValueError(f"downlinked B has {b.numel()} entries; the adapters have {task.num_params}")
         synced = int(msg.content["round"]["round"]) - 1
     elif kind == "pool":
-        b = apply_coefficients(
-            torch.zeros(task.num_params), task.spec.pool(), state.pool_coefs, zo.lr / zo.q, zo.distribution
-        )
+        b = pool_b(task.spec, state.pool_coefs, task.num_params, task.zo)
         synced = int(msg.content["round"]["round"]) - 1
     else:
         held = held_b(context, "global")
         b = held if held is not None else torch.zeros(task.num_params)
         synced = int(context.state["sync"]["round"]) if "sync" in context.state else 0
-        for upd in state.updates:
-            if upd.rnd <= synced:
-                continue  # already applied (the server resends when it did not see our last reply)
-            if upd.rnd != synced + 1:
-                raise ValueError(f"seed update for round {upd.rnd} arrived but this node is at round {synced}")
-            b = apply_coefficients(b, upd.seeds, upd.coefs, zo.lr / zo.q, zo.distribution)
-            synced = upd.rnd
+        b, synced = catch_up(b, synced, state.updates, task.zo)
     if keep:
         context.state["global"] = ArrayRecord(array_dict={"b": Array(b.numpy())})
         context.state["sync"] = ConfigRecord({"round": synced})
@@ -145,7 +137,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     if save := str(msg.content["eval"].get("save", "")):  # export.personal: keep this client's B for the export
         save_personal_b(save, part, states[task.cfg.export.personal].b)
     for method, p in states.items():
-        for k, v in task.evaluate(p.b, part, p.label_bias).items():
+        for k, v in task.evaluate(p.b, part, p.label_bias, p.token_prior).items():
             metrics[f"{method}_{k}"] = v
         metrics.update({f"{method}_{k}": v for k, v in p.chosen.items()})
         for steps, b_k in p.trail.items():  # eval.trace: the held-out metrics after each step budget

@@ -1,7 +1,7 @@
 """The server's rules against faulty and hostile replies, as plain functions of the replies' scalars.
 
-:class:`~fedprge.federation.strategy.PRGEStrategy` applies them (and logs what each one did); the rules
-themselves are spelled out in that module's docstring.
+:mod:`~fedprge.federation.replies` and :mod:`~fedprge.federation.aggregation` apply them (and log what each one
+did); the rules themselves are spelled out in those modules' docstrings.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ from typing import Any, NamedTuple
 
 from flwr.serverapp import Grid
 
-from fedprge.federation.strategy import Client, PRGEStrategy
+from fedprge.federation.registry import Client
+from fedprge.federation.strategy import PRGEStrategy
 from fedprge.federation.traffic import Traffic
 
 log = logging.getLogger("fedprge.server")
@@ -66,7 +67,7 @@ def evaluate(
     def send(parts: list[int]) -> None:
         for attempt in sorted({tries[p] for p in parts}):
             group = [todo[p] for p in parts if tries[p] == attempt]
-            msgs = list(strategy.configure_evaluate(rnd, None, None, grid, methods, group, attempt=attempt, save=save))
+            msgs = list(strategy.configure_evaluate(rnd, methods=methods, clients=group, attempt=attempt, save=save))
             pushed = set(grid.push_messages(msgs))
             traffic.add("evaluate", "down", [m for m in msgs if m.metadata.message_id in pushed])
             for m in msgs:

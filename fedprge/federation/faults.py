@@ -34,10 +34,9 @@ from flwr.common.constant import ErrorCode
 
 from fedprge.config import RunConfig
 from fedprge.engine import rng
+from fedprge.engine.seeds import DROP, EVAL_FAULT, POISON, STRAGGLE
 
-_DROP, _STRAGGLE, _POISON = 7, 8, 9  # derive_seed domains (1-6 are taken by protocol.py and task.py)
-_EVAL = 10  # evaluation faults: derive_seed(seed, _EVAL, kind, partition), kind 0 = slow, 1 = failing
-_EVAL_SLOW, _EVAL_DROP = 0, 1
+_EVAL_SLOW, _EVAL_DROP = 0, 1  # the kinds of the EVAL_FAULT domain
 HUGE = 1e30
 COUNT_FACTOR = 1_000_000
 
@@ -58,7 +57,7 @@ def _uniform(seed: int, domain: int, rnd: int, partition: int) -> float:
 @lru_cache(maxsize=16)
 def _poisoned(seed: int, clients: int, fraction: float) -> frozenset[int]:
     k = min(clients, math.ceil(fraction * clients - 1e-9)) if fraction > 0 else 0
-    return frozenset(int(i) for i in np.random.default_rng([seed, _POISON]).choice(clients, size=k, replace=False))
+    return frozenset(int(i) for i in np.random.default_rng([seed, POISON]).choice(clients, size=k, replace=False))
 
 
 def poisoned_partitions(cfg: RunConfig) -> frozenset[int]:
@@ -69,8 +68,8 @@ def poisoned_partitions(cfg: RunConfig) -> frozenset[int]:
 def fault_for(cfg: RunConfig, rnd: int, partition: int) -> Fault:
     """The faults of client ``partition`` in training round ``rnd``."""
     f = cfg.faults
-    drop = f.drop_rate > 0 and _uniform(cfg.seed, _DROP, rnd, partition) < f.drop_rate
-    straggle = not drop and f.straggler_rate > 0 and _uniform(cfg.seed, _STRAGGLE, rnd, partition) < f.straggler_rate
+    drop = f.drop_rate > 0 and _uniform(cfg.seed, DROP, rnd, partition) < f.drop_rate
+    straggle = not drop and f.straggler_rate > 0 and _uniform(cfg.seed, STRAGGLE, rnd, partition) < f.straggler_rate
     poison = f.poison_kind if partition in poisoned_partitions(cfg) else None
     return Fault(drop, straggle, poison)
 
@@ -86,8 +85,8 @@ class EvalFault:
 def eval_fault_for(cfg: RunConfig, partition: int, attempt: int = 0) -> EvalFault:
     """The evaluation faults of client ``partition`` at attempt ``attempt`` (0: the first) of any evaluation."""
     f = cfg.faults
-    failing = f.eval_drop_rate > 0 and _uniform(cfg.seed, _EVAL, _EVAL_DROP, partition) < f.eval_drop_rate
-    slow = f.eval_straggler_rate > 0 and _uniform(cfg.seed, _EVAL, _EVAL_SLOW, partition) < f.eval_straggler_rate
+    failing = f.eval_drop_rate > 0 and _uniform(cfg.seed, EVAL_FAULT, _EVAL_DROP, partition) < f.eval_drop_rate
+    slow = f.eval_straggler_rate > 0 and _uniform(cfg.seed, EVAL_FAULT, _EVAL_SLOW, partition) < f.eval_straggler_rate
     return EvalFault(failing and attempt < f.eval_drop_attempts, f.eval_delay_s if slow else 0.0)
 
 
@@ -124,7 +123,7 @@ def corrupt(grads: np.ndarray, kind: str | None, scale: float) -> np.ndarray:
     elif kind == "scaled":
         g *= np.float32(scale)
     else:
-        raise ValueError(f"unknown poison kind {kind!r}; see fedprge.config.POISON_KINDS")
+        raise ValueError(f"unknown poison kind {kind!r}; see fedprge.config_rules.POISON_KINDS")
     return g
 
 

@@ -7,13 +7,15 @@
 * ``fedavg_full``: every weight of the model (no adapters; small models only).
 
 The server evaluates the global state itself on every client's held-out data (this is a simulation; the
-server may hold the data), so the per-round metric is comparable with the P-RGE runs.
+server may hold the data), so the per-round metric is comparable with the P-RGE runs. Its ``rounds.csv`` rows have
+the P-RGE rows' columns (:func:`fedprge.results.round_row`), their bytes counted by the same :class:`Traffic`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,11 +28,10 @@ from fedprge.config import RunConfig, to_yaml
 from fedprge.federation.sampling import sample_round
 from fedprge.federation.server_app import wait_for_nodes
 from fedprge.federation.traffic import Traffic
-from fedprge.results import RunWriter
+from fedprge.results import RunWriter, round_row
 from fedprge.task import Task, load_task
 
 log = logging.getLogger("fedprge.fedavg")
-ALGORITHMS = ("fedavg_lora_fa", "fedavg_lora", "fedavg_full")
 
 
 def live_tensors(task: Task, algorithm: str) -> dict[str, torch.Tensor]:
@@ -111,17 +112,30 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
     return app
 
 
+class Exchange(NamedTuple):
+    """One round's train messages, their replies and the bytes :class:`Traffic` counted for each direction."""
+
+    messages: list[Message]
+    replies: list[Message]
+    down: int
+    up: int
+
+
 class CountingGrid:
-    """A Grid that counts the serialized bytes of every message it carries (see :class:`Traffic`)."""
+    """A Grid that counts every train message it carries in a :class:`Traffic`, as the P-RGE round loop does, and
+    keeps the last exchange for the round's ``rounds.csv`` row."""
 
     def __init__(self, grid: Grid, traffic: Traffic) -> None:
         self._grid, self.traffic = grid, traffic
+        self.last = Exchange([], [], 0, 0)
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
-        self.traffic.add("train", "down", messages)
+        down = self.traffic.add("train", "down", messages)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        self.traffic.add("train", "up", replies)
+        up = self.traffic.add("train", "up", replies)
+        if messages:  # Flower's FedAvg also sends its federated evaluation: no messages here (fraction_evaluate=0)
+            self.last = Exchange(messages, replies, down, up)
         return replies
 
     def __getattr__(self, name):
@@ -176,30 +190,30 @@ def run(grid: Grid, cfg: RunConfig, writer: RunWriter) -> dict:
     strategy = DeterministicFedAvg(cfg, node_of)
     counting = CountingGrid(grid, traffic)
     state0 = initial_state(task, fed.algorithm)
-    last = {"up": 0, "down": 0}
+    clock = {"round": t0}  # when the round began: the end of the previous round's evaluation
 
     def on_round(rnd: int, arrays: ArrayRecord) -> MetricRecord:
-        up, down = traffic.bytes["train_up"] - last["up"], traffic.bytes["train_down"] - last["down"]
-        last.update(up=traffic.bytes["train_up"], down=traffic.bytes["train_down"])
+        seconds = time.monotonic() - clock["round"]  # the round's training, as P-RGE's (evaluation apart)
         res = evaluate(rnd, arrays)
         if rnd:
-            n_up = max(1, traffic.count["train_up"] - sum(int(r["ok"]) for r in writer.rounds))
-            n_down = max(1, traffic.count["train_down"] - sum(int(r["sampled"]) for r in writer.rounds))
-            row = {
-                "round": rnd,
-                "sampled": n_down,
-                "ok": n_up,
-                "failed": 0,
-                "skipped": False,
-                "train_loss": float("nan"),
-                "uplink_bytes": up,
-                "downlink_bytes": down,
-                "uplink_bytes_per_client": up / n_up,
-                "downlink_bytes_per_client": down / n_down,
-                "reconstruction_error": float("nan"),
-                "seconds": time.monotonic() - t0,
-            }
+            sent = counting.last
+            ok = [r for r in sent.replies if not r.has_error()]
+            losses = [float(r.content["metrics"]["train_loss"]) for r in ok]
+            row = round_row(
+                rnd,
+                len(sent.messages),
+                len(ok),
+                sent.up,
+                sent.down,
+                seconds,
+                failed=len(sent.replies) - len(ok),
+                late=len(sent.messages) - len(sent.replies),
+                skipped=not ok,  # Flower's FedAvg keeps the global state when no client replied
+                down_weights=len(sent.messages),  # every sampled client gets the dense state
+                train_loss=float(np.mean(losses)) if losses else float("nan"),
+            )
             writer.round(row, writer.last_eval(rnd))
+        clock["round"] = time.monotonic()
         return res
 
     result = strategy.start(

@@ -8,7 +8,7 @@ Message types (Flower ``message_type``) and their content (``RecordDict`` keys):
   ``"state"`` (see :class:`GlobalState`); up ``"update"`` ConfigRecord{projected_grads: bytes,
   num_examples: int} and ``"metrics"`` MetricRecord{train_loss}. ``projected_grads`` are the
   local_steps x q float32 scalars, little-endian, step-major. No seed travels: each is
-  :func:`step_seeds` (run seed, round, partition, step).
+  :func:`fedprge.engine.seeds.step_seeds` (run seed, round, partition, step).
 * ``evaluate``: down ``"round"`` + ``"state"`` + ConfigRecord ``"eval"`` {methods: list[str], sync: bool,
   attempt: int (0, then 1, 2, ... when the server re-sends the same evaluation)};
   up MetricRecord ``"metrics"`` {partition, <method>_loss, <method>_acc, num_examples}.
@@ -34,33 +34,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.serde import message_to_proto, recorddict_to_proto
 
 from fedprge.engine import rng
-
-# Domains keep the seeds of the three uses apart.
-_CLIENT_SCOPE, _ROUND_SCOPE, _POOL_INDEX, _POOL_SEED = 1, 2, 3, 4
-
-
-@dataclass(frozen=True)
-class SeedSpec:
-    """How a client's direction seeds are derived; the same on server and clients."""
-
-    run_seed: int
-    q: int
-    scope: str = "client"  # "client" | "round"
-    pool_size: int = 0  # > 0: seeds come from a pool of this many (downlink "pool")
-
-    def pool(self) -> list[int]:
-        return [rng.derive_seed(self.run_seed, _POOL_SEED, k) for k in range(self.pool_size)]
-
-
-def step_seeds(spec: SeedSpec, rnd: int, partition: int, step: int) -> list[int]:
-    """The q seeds of one local step of one client in one round."""
-    who = (partition,) if spec.scope == "client" else ()
-    if spec.pool_size:
-        pool = spec.pool()
-        idx = [rng.derive_seed(spec.run_seed, _POOL_INDEX, rnd, *who, step, i) % spec.pool_size for i in range(spec.q)]
-        return [pool[k] for k in idx]
-    domain = _CLIENT_SCOPE if spec.scope == "client" else _ROUND_SCOPE
-    return [rng.derive_seed(spec.run_seed, domain, rnd, *who, step, i) for i in range(spec.q)]
 
 
 def pack_f32(values) -> bytes:

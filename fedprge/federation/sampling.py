@@ -7,8 +7,7 @@ import math
 import numpy as np
 
 from fedprge.config import RunConfig
-
-_UNSEEN = 12  # numpy seed domain of the unseen-client draw
+from fedprge.engine.seeds import UNSEEN
 
 
 def unseen_clients(cfg: RunConfig, num_clients: int) -> list[int]:
@@ -16,7 +15,7 @@ def unseen_clients(cfg: RunConfig, num_clients: int) -> list[int]:
     k = min(num_clients - 1, math.floor(cfg.eval.unseen_fraction * num_clients + 0.5))
     if k <= 0:
         return []
-    return sorted(int(i) for i in np.random.default_rng([cfg.seed, _UNSEEN]).choice(num_clients, k, replace=False))
+    return sorted(int(i) for i in np.random.default_rng([cfg.seed, UNSEEN]).choice(num_clients, k, replace=False))
 
 
 def sample_round(cfg: RunConfig, num_clients: int, rnd: int) -> list[int]:
@@ -25,5 +24,5 @@ def sample_round(cfg: RunConfig, num_clients: int, rnd: int) -> list[int]:
     unseen = set(unseen_clients(cfg, num_clients))
     pool = [i for i in range(num_clients) if i not in unseen]
     k = min(len(pool), max(f.min_clients, int(np.ceil(f.fraction * len(pool)))))
-    gen = np.random.default_rng([cfg.seed, rnd])
+    gen = np.random.default_rng([cfg.seed, rnd])  # no seed domain: see fedprge.engine.seeds
     return sorted(pool[int(i)] for i in gen.choice(len(pool), size=k, replace=False))

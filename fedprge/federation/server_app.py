@@ -17,9 +17,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from fedprge.config import RunConfig, from_yaml, load_config, to_yaml
 from fedprge.federation import checkpoint
 from fedprge.federation.evaluation import Evaluated, evaluate
-from fedprge.federation.strategy import Client, PRGEStrategy
+from fedprge.federation.registry import Client, accept_registrations
+from fedprge.federation.strategy import PRGEStrategy
 from fedprge.federation.traffic import Traffic
-from fedprge.results import RunWriter
+from fedprge.results import RunWriter, round_row
 
 log = logging.getLogger("fedprge.server")
 
@@ -60,56 +61,14 @@ def wait_for_nodes(grid: Grid, n: int, timeout_s: float, min_nodes: int = 0) -> 
 def register(
     grid: Grid, nodes: list[int], cfg: RunConfig, traffic: Traffic, timeout_s: float
 ) -> tuple[list[Client], int]:
-    """Send every node the run's config; learn its partition id, data size and the adapter size."""
+    """Send every node the run's config; learn its partition id, data size and the adapter size (rules in
+    :mod:`fedprge.federation.registry`)."""
     setup = ConfigRecord({"config": to_yaml(cfg)})
     msgs = [Message(RecordDict({"setup": setup}), dst_node_id=n, message_type="query") for n in nodes]
     traffic.add("setup", "down", msgs)
     replies = list(grid.send_and_receive(msgs, timeout=timeout_s))
     traffic.add("setup", "up", replies)
     return accept_registrations(replies, cfg)
-
-
-def accept_registrations(replies: list[Message], cfg: RunConfig) -> tuple[list[Client], int]:
-    """The valid registrations (rules in :mod:`fedprge.federation.strategy`); every refusal is logged."""
-    infos: list[tuple[int, dict[str, int]]] = []
-    for r in replies:
-        node = r.metadata.src_node_id
-        if r.has_error():
-            log.warning("node %s failed to register: %s", node, r.error.reason)
-            continue
-        try:
-            info = {k: r.content["info"][k] for k in ("partition", "num_examples", "num_params")}
-            if not all(isinstance(v, int) and not isinstance(v, bool) for v in info.values()):
-                raise ValueError(f"non-integer values {info}")
-        except (KeyError, TypeError, ValueError) as e:
-            log.warning("node %s rejected at registration: malformed info record (%s)", node, e)
-            continue
-        infos.append((node, info))
-    if not infos:
-        raise RuntimeError("no node registered; see the client errors above")
-    sizes = Counter(info["num_params"] for _, info in infos)
-    num_params, votes = sizes.most_common(1)[0]
-    if len(sizes) > 1 and 2 * votes <= len(infos):
-        raise RuntimeError(f"registered nodes disagree on the adapter size: {sorted(sizes)} (no majority)")
-    clients, seen = [], set()
-    for node, info in infos:
-        part, n = info["partition"], info["num_examples"]
-        if info["num_params"] != num_params:
-            why = f"adapter size {info['num_params']} differs from the majority's {num_params}"
-        elif not 0 <= part < cfg.federation.clients:
-            why = f"partition={part} is outside [0, federation.clients={cfg.federation.clients})"
-        elif part in seen:
-            why = f"partition {part} is already taken"
-        elif n < 1:
-            why = f"num_examples={n} must be >= 1"
-        else:
-            seen.add(part)
-            clients.append(Client(node, part, n))
-            continue
-        log.warning("node %s rejected at registration: %s", node, why)
-    if not clients:
-        raise RuntimeError("no node registered; see the client errors above")
-    return sorted(clients, key=lambda c: c.partition), num_params
 
 
 def run_federation(grid: Grid, cfg: RunConfig, writer: RunWriter | None = None, resume: bool = False) -> dict:
@@ -153,31 +112,29 @@ def run_federation(grid: Grid, cfg: RunConfig, writer: RunWriter | None = None, 
         task = bar.add_task("rounds", total=fed.rounds, completed=first - 1, info="")
         for rnd in range(first, fed.rounds + 1):
             t_round = time.monotonic()
-            msgs = list(strategy.configure_train(rnd, None, None, grid))
+            msgs = list(strategy.configure_train(rnd))
             down = traffic.add("train", "down", msgs)
             kinds = Counter(str(m.content["round"]["downlink"]) for m in msgs)
             replies = list(grid.send_and_receive(msgs, timeout=fed.timeout_s))
             up = traffic.add("train", "up", replies)  # with federation.verify it includes the B check
             stats = strategy.aggregate(rnd, replies, sent=msgs)
-            row = {
-                "round": rnd,
-                "sampled": len(msgs),
-                "ok": stats.ok,
-                "failed": len(stats.failed),
-                "late": len(stats.late),
-                "rejected": len(stats.rejected),
-                "clipped": len(stats.clipped),
-                "skipped": stats.skipped,
-                "down_seeds": kinds["seeds"],
-                "down_weights": kinds["weights"],
-                "train_loss": stats.train_loss,
-                "uplink_bytes": up,
-                "downlink_bytes": down,
-                "uplink_bytes_per_client": up / max(stats.ok, 1),
-                "downlink_bytes_per_client": down / max(len(msgs), 1),
-                "reconstruction_error": float(stats.reconstruction_error),
-                "seconds": time.monotonic() - t_round,
-            }
+            row = round_row(
+                rnd,
+                len(msgs),
+                stats.ok,
+                up,
+                down,
+                time.monotonic() - t_round,
+                failed=len(stats.failed),
+                late=len(stats.late),
+                rejected=len(stats.rejected),
+                clipped=len(stats.clipped),
+                skipped=stats.skipped,
+                down_seeds=kinds["seeds"],
+                down_weights=kinds["weights"],
+                train_loss=stats.train_loss,
+                reconstruction_error=float(stats.reconstruction_error),
+            )
             if cfg.eval.every and rnd % cfg.eval.every == 0 and rnd != fed.rounds:
                 writer.evaluation(rnd, *evaluate(grid, strategy, rnd, ["global"], traffic, curve_clients))
             writer.round(row, writer.last_eval(rnd))

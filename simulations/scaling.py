@@ -5,8 +5,10 @@ per round), and the same clients' local training is also timed in this process w
 round needs. What the round took beyond compute / workers is framework overhead (Flower messages, Ray
 scheduling, serialization, the server's aggregation).
 
-    python benchmarks/simulation.py                     # 50, 200 and 1000 clients
-    python benchmarks/simulation.py --clients 50 2000
+    python simulations/scaling.py                     # 50, 200 and 1000 clients
+    python simulations/scaling.py --clients 50 2000
+
+Prints the table and writes ``scaling.csv`` / ``.json`` and each fleet's run folder (``clients-N``) to ``--out``.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, nargs="+", default=[50, 200, 1000])
     p.add_argument("--per-round", type=int, default=10, help="clients sampled per round")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default="results/scaling")
     args = p.parse_args()
 
     from fedprge.config import load_config
@@ -65,7 +67,7 @@ def main() -> None:
         ]
         cfg = load_config(["configs/smoke.yaml"], over)
         compute = compute_per_client_round(cfg, list(range(5)))
-        writer = RunWriter(cfg, out=Path(args.out) / f"simulation-{n}", progress=False)
+        writer = RunWriter(cfg, out=Path(args.out) / f"clients-{n}", progress=False)
         t = time.perf_counter()
         with PeakMemory() as mem:
             summary = simulate(cfg, writer)
@@ -115,12 +117,12 @@ def main() -> None:
     Console(width=160).print(t)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "simulation.json").write_text(json.dumps(rows, indent=2))
-    with open(out / "simulation.csv", "w", newline="") as f:
+    (out / "scaling.json").write_text(json.dumps(rows, indent=2))
+    with open(out / "scaling.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    print(f"results: {out / 'simulation.json'}, {out / 'simulation.csv'}")
+    print(f"results: {out / 'scaling.json'}, {out / 'scaling.csv'}")
 
 
 if __name__ == "__main__":

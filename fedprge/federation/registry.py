@@ -1,0 +1,89 @@
+"""Who is in the federation: the nodes accepted at registration and how much each one's update weighs.
+
+Registration: a node must report a partition in ``[0, clients)`` not already taken, ``num_examples >= 1`` and the
+adapter size of the majority. A client's aggregation weight is its registered example count capped at
+``federation.max_count_ratio`` x the lower median of all registered counts (counts in train replies are ignored).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+from flwr.app import Message
+
+from fedprge.config import RunConfig
+from fedprge.federation.defences import lower_median
+
+log = logging.getLogger("fedprge.server")
+
+
+@dataclass
+class Client:
+    node_id: int
+    partition: int
+    num_examples: int
+
+
+def accept_registrations(replies: list[Message], cfg: RunConfig) -> tuple[list[Client], int]:
+    """The valid registrations (by partition) and the adapter size; every refusal is logged."""
+    infos: list[tuple[int, dict[str, int]]] = []
+    for r in replies:
+        node = r.metadata.src_node_id
+        if r.has_error():
+            log.warning("node %s failed to register: %s", node, r.error.reason)
+            continue
+        try:
+            info = {k: r.content["info"][k] for k in ("partition", "num_examples", "num_params")}
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in info.values()):
+                raise ValueError(f"non-integer values {info}")
+        except (KeyError, TypeError, ValueError) as e:
+            log.warning("node %s rejected at registration: malformed info record (%s)", node, e)
+            continue
+        infos.append((node, info))
+    if not infos:
+        raise RuntimeError("no node registered; see the client errors above")
+    sizes = Counter(info["num_params"] for _, info in infos)
+    num_params, votes = sizes.most_common(1)[0]
+    if len(sizes) > 1 and 2 * votes <= len(infos):
+        raise RuntimeError(f"registered nodes disagree on the adapter size: {sorted(sizes)} (no majority)")
+    clients, seen = [], set()
+    for node, info in infos:
+        part, n = info["partition"], info["num_examples"]
+        if info["num_params"] != num_params:
+            why = f"adapter size {info['num_params']} differs from the majority's {num_params}"
+        elif not 0 <= part < cfg.federation.clients:
+            why = f"partition={part} is outside [0, federation.clients={cfg.federation.clients})"
+        elif part in seen:
+            why = f"partition {part} is already taken"
+        elif n < 1:
+            why = f"num_examples={n} must be >= 1"
+        else:
+            seen.add(part)
+            clients.append(Client(node, part, n))
+            continue
+        log.warning("node %s rejected at registration: %s", node, why)
+    if not clients:
+        raise RuntimeError("no node registered; see the client errors above")
+    return sorted(clients, key=lambda c: c.partition), num_params
+
+
+def capped_weights(clients: list[Client], ratio: float) -> dict[int, float]:
+    """Aggregation weight by partition: the registered example count, capped at ``ratio`` x their lower median."""
+    if not clients:
+        return {}
+    cap = ratio * lower_median(c.num_examples for c in clients)
+    weight = {}
+    for c in clients:
+        weight[c.partition] = min(c.num_examples, cap)
+        if c.num_examples > cap:
+            log.warning(
+                "client %d registered %d examples > federation.max_count_ratio=%g x the median count; "
+                "its aggregation weight is capped at %g",
+                c.partition,
+                c.num_examples,
+                ratio,
+                cap,
+            )
+    return weight

@@ -1,0 +1,38 @@
+"""A bad model, data set or LoRA target stops ``python -m fedprge.simulate`` with one line, before Ray starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("args", "value", "allowed"),
+    [
+        (["--model", "/no/such/path"], "'/no/such/path'", '"smollm2"'),
+        (["--task", "missing.jsonl"], "'missing.jsonl'", "existing .jsonl file"),
+        (["lora.target_modules=[nope]"], "'nope'", "'q_proj'"),
+    ],
+)
+def test_bad_input_is_one_line_and_starts_nothing(tmp_path, args, value, allowed):
+    out = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "fedprge.simulate", "--config", str(REPO / "configs" / "smoke.yaml")]
+    start = time.monotonic()
+    done = subprocess.run(
+        [*cmd, "--out", str(out), "--no-progress", *args], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    seconds = time.monotonic() - start
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("python -m fedprge.simulate: error: ")
+    assert value in lines[0] and allowed in lines[0]
+    assert done.stdout == ""  # no Flower, Ray or fedprge log line: nothing started
+    assert not out.exists()  # not even the results folder
+    assert seconds < 60  # imports only (torch, transformers), even on a busy 2-core machine
