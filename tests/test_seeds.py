@@ -21,6 +21,7 @@ def test_every_domain_keeps_its_number():
         "EVAL_FAULT": 10,
         "DITTO": 11,
         "UNSEEN": 12,
+        "DP_NOISE": 13,
     }
 
 
