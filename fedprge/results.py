@@ -14,12 +14,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from fedprge import privacy
 from fedprge.config import RunConfig, to_yaml
 from fedprge.federation.sampling import unseen_clients
+from fedprge.report import plot_metric, print_summary
 
 if TYPE_CHECKING:
     from fedprge.federation.traffic import Traffic
@@ -218,77 +217,17 @@ class RunWriter:
         return out
 
     def print_summary(self) -> None:
-        s, name = self.summary, self.summary["metric"]
-        n, m = s["clients_evaluated"], s["clients_expected"]
-        better = "higher" if s["higher_is_better"] else "lower"
-        table = Table(title=f"per-client held-out {name}, {n} of {m} clients ({better} is better)")
-        for col in ("method", "clients", "mean", "median", "worst 10%"):
-            table.add_column(col, justify="right" if col != "method" else "left")
-        groups = [("", s["methods"])]
-        if s["unseen_clients"]:  # newcomers apart: the methods' way of adapting a client that never trained
-            groups = [("trained: ", s["methods_trained"]), ("unseen: ", s["methods_unseen"])]
-        for prefix, stats in groups:
-            for meth, st in stats.items():
-                cells = (f"{st['mean']:.4f}", f"{st['median']:.4f}", f"{st['worst10']:.4f}")
-                table.add_row(prefix + meth, str(st["clients"]), *cells)
-        self.console.print(table)
-        if s["missing"]:
-            self.console.print(Text(f"{m - n} of {m} clients not evaluated: {_names(s['missing'])}", "bold red"))
-            log.warning("%d of %d clients not evaluated: %s", m - n, m, _names(s["missing"]))
-        if s["missing_untuned"]:
-            self.console.print(Text(f"no untuned metric, not compared: {_names(s['missing_untuned'])}", "red"))
-            log.warning("no untuned metric, left out of the comparison: %s", _names(s["missing_untuned"]))
-        b = s["bytes"]
-        self.console.print(
-            f"uplink {s['uplink_bytes_per_client_round']:.0f} B per client-round "
-            f"(dense fp32 B would be {s['adapter_bytes_fp32']:,} B); downlink "
-            f"{s['downlink_bytes_per_client_round']:.0f} B per client-round; train totals up "
-            f"{b.get('train_up', 0):,} B, down {b.get('train_down', 0):,} B; "
-            f"global B improved {s['clients_improved_by_global']}/{s['clients_compared']} clients "
-            f"(those with both metrics); {s['seconds']:.0f} s. Results: {self.dir}"
-        )
-        if "privacy" in s:  # DP-ZO: what the run spent, per user (one client's whole round)
-            p = s["privacy"]
-            table = Table(title=f"privacy spent ({p['mode']} DP, unit: one client's round; {p['accountant']})")
-            for col in ("epsilon", "delta", "noise multiplier", "clip", "sample rate", "rounds", "eps, sample known"):
-                table.add_column(col, justify="right")
-            table.add_row(
-                *(f"{p[k]:.4g}" for k in ("epsilon", "delta", "noise_multiplier", "clip", "sample_rate")),
-                str(p["rounds"]),
-                f"{p['epsilon_sample_known']:.4g}",
-            )
-            self.console.print(table)
+        print_summary(self.console, self.summary, self.dir)
 
     def plot(self) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import MaxNLocator
-
         name, _ = self.metric
         pts = sorted((r, p) for r in self.evals if (p := self.curve_point(r)) is not None)
-        if not pts:
+        if not pts:  # no curve evaluation (eval.every=0 and no rounds)
             return
-        cum = {0: 0}
-        for r in self.rounds:
-            cum[r["round"]] = r["cum_uplink_bytes"] + r["cum_downlink_bytes"]
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-        ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
-        ax1.set_xlabel("round")
-        ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax2.plot([cum.get(p[0], math.nan) / 1e3 for p in pts], [p[1] for p in pts], marker="o")
-        ax2.set_xlabel("cumulative bytes, up + down (kB)")
-        for ax in (ax1, ax2):
-            ax.set_ylabel(f"mean held-out {name} of {self._curve_label()}")
-            ax.grid(alpha=0.3)
-            ax.ticklabel_format(axis="y", useOffset=False)
-        fig.suptitle(
-            f"{self.cfg.name}: {self.cfg.model.name} on {self.cfg.data.task}, downlink {self.cfg.federation.downlink}"
-        )
-        fig.tight_layout()
-        fig.savefig(self.dir / "metric.png", dpi=120)
-        plt.close(fig)
+        cum = {0: 0} | {r["round"]: r["cum_uplink_bytes"] + r["cum_downlink_bytes"] for r in self.rounds}
+        cfg = self.cfg
+        title = f"{cfg.name}: {cfg.model.name} on {cfg.data.task}, downlink {cfg.federation.downlink}"
+        plot_metric(self.dir / "metric.png", pts, cum, f"mean held-out {name} of {self._curve_label()}", title)
 
     def _curve_label(self) -> str:
         return "all clients" if self.curve_partitions is None else f"{len(self.curve_partitions)} fixed clients"
@@ -296,10 +235,6 @@ class RunWriter:
 
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
-
-
-def _names(missing: list[dict[str, Any]]) -> str:
-    return "; ".join(f"client {m['partition']} ({m['reason']})" for m in missing)
 
 
 def _sha(b: torch.Tensor) -> str:
