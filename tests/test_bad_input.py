@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
     ("args", "value", "allowed"),
     [
         (["--model", "/no/such/path"], "'/no/such/path'", '"smollm2"'),
+        (["--model", "smollm3"], "'smollm3'", '"tiny"'),  # neither a known name nor a folder
         (["--task", "missing.jsonl"], "'missing.jsonl'", "existing .jsonl file"),
         (["lora.target_modules=[nope]"], "'nope'", "'q_proj'"),
     ],
