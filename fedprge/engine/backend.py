@@ -29,9 +29,12 @@ class Backend(Protocol):
     num_params: int
     per_token: bool  # whether token_nll is available (an exported .pte's nll gives per-example sums only)
 
-    def perturbed_losses(self, b: torch.Tensor, batch: Batch, seeds: Sequence[int], zo: ZOConfig) -> torch.Tensor:
+    def perturbed_losses(
+        self, b: torch.Tensor, batch: Batch, seeds: Sequence[int], zo: ZOConfig, z: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(2q,) mean token NLL of ``batch`` under b + eps z_i (first q) and b - eps z_i (last q), z_i the direction
-        of ``seeds[i]``: the order :func:`~fedprge.engine.estimator.finish_step` expects. One batched evaluation."""
+        of ``seeds[i]``: the order :func:`~fedprge.engine.estimator.finish_step` expects. One batched evaluation.
+        ``z``: those directions when the caller has drawn them already (a program draws its own from the seeds)."""
         ...
 
     def example_nll(self, b: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,8 +57,8 @@ def backend_step(
     """One P-RGE step on any backend: ``(new b, StepRecord, the 2q losses)``. The backend evaluates the perturbed
     losses from the seeds, the host draws the same z and :func:`~fedprge.engine.estimator.finish_step` does the rest.
     """
-    losses = backend.perturbed_losses(b, batch, seeds, zo)
-    z = rng.directions(seeds, b.numel(), zo.distribution)
+    z = rng.directions(seeds, b.numel(), zo.distribution)  # drawn once: the eager forward and the update share it
+    losses = backend.perturbed_losses(b, batch, seeds, zo, z)
     new_b, rec = finish_step(b, z, seeds, losses, zo, privatize)
     return new_b, rec, losses
 
@@ -133,9 +136,11 @@ class EagerBackend:
         sums, counts = self._nll(b, batch)
         return sums.sum(1) / counts.sum().clamp(min=1)
 
-    def perturbed_losses(self, b: torch.Tensor, batch: Batch, seeds: Sequence[int], zo: ZOConfig) -> torch.Tensor:
+    def perturbed_losses(
+        self, b: torch.Tensor, batch: Batch, seeds: Sequence[int], zo: ZOConfig, z: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The 2q replicas b +/- eps z_i of :func:`~fedprge.engine.estimator.perturbed_replicas`, in one forward."""
-        z = rng.directions(seeds, b.numel(), zo.distribution)
+        z = rng.directions(seeds, b.numel(), zo.distribution) if z is None else z
         with torch.no_grad():
             return self.losses(perturbed_replicas(b, z, zo.eps), batch)
 

@@ -36,8 +36,11 @@ class PTEBackend:
         self.num_params = program.num_params
         self.per_token = False  # its nll method returns per-example sums
 
-    def perturbed_losses(self, b: torch.Tensor, batch: Batch, seeds: Sequence[int], zo: ZOConfig) -> torch.Tensor:
-        """(2q,) losses of b + eps z_i (first q) and b - eps z_i (last q), computed by the program."""
+    def perturbed_losses(
+        self, b: torch.Tensor, batch: Batch, seeds: Sequence[int], zo: ZOConfig, z: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(2q,) losses of b + eps z_i (first q) and b - eps z_i (last q), computed by the program, which draws z
+        from the seeds itself (a host's ``z`` is not needed)."""
         spec = self.program.spec
         if spec is not None and (spec.eps, spec.distribution) != (float(zo.eps), zo.distribution):
             raise ValueError(
