@@ -30,7 +30,10 @@ from fedprge.federation.protocol import (
     unpack_u32,
 )
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: the same examples every run, so a CI result never hangs on a random draw
+SETTINGS = settings(
+    max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 # what a ConfigRecord may hold: scalars of its five types and homogeneous lists of them
 _scalars = [
@@ -172,6 +175,7 @@ def test_any_numeric_value_validates_or_names_its_key(values):
     for key, value in values.items():  # what validated is what was asked for
         section, _, name = key.rpartition(".")
         got = getattr(getattr(cfg, section) if section else cfg, name)
+        value = float(value) if NUMERIC[key] == "float" else value  # an int for a float key is that float
         assert got == value or (isinstance(value, float) and math.isnan(value) and math.isnan(got))
 
 
