@@ -5,6 +5,8 @@ Examples (from the repository root)::
     python clients/fleet.py --insecure --config configs/smoke.yaml              # eager clients, plain HTTP
     python clients/fleet.py --tls certs --client executorch --config configs/smoke.yaml
     python clients/fleet.py --tls certs --auth --pte tiny.pte --nodes 4 federation.rounds=5
+    python clients/fleet.py --tls certs --auth --pte tiny.pte --native 2 --config configs/smoke.yaml  # 2 C++ clients
+    python clients/fleet.py --insecure --resume runs/smoke-20260101-120000     # continue a killed run
 
 SuperNode i gets ``--node-config "partition-id=i num-partitions=N"`` (and ``pte="..."`` for ExecuTorch clients,
 which then load only that program and a tokenizer). The federation runs with ``flwr run <repo> fleet --stream``
@@ -17,8 +19,13 @@ Transport security is explicit: ``--tls DIR`` creates (once) a self-signed CA an
 turns on SuperNode authentication: the SuperLink starts with ``--enable-supernode-auth``, every SuperNode gets an
 EC key pair, and its public key is registered with ``flwr supernode register`` before the node starts.
 
+``--resume RUN_DIR`` continues a run whose SuperLink (or whole fleet) died from the ``checkpoint.pt`` in RUN_DIR
+(written after every round), on a new SuperLink and new SuperNodes: the ServerApp restores the state as
+``python -m fedprge.simulate --resume`` does (same config; see README "Checkpoint and resume").
+
 Logs, pid files, keys and the Flower home go to ``--work`` (default: a new temporary folder, kept and printed).
-Every process is stopped at the end, on failure, on Ctrl-C and on SIGTERM.
+Every process is stopped at the end, on failure, on Ctrl-C and on SIGTERM; if the SuperLink exits during the run,
+so does the fleet.
 """
 
 from __future__ import annotations
@@ -224,10 +231,14 @@ class Fleet:
         cmd = [str(BIN / "flwr"), "run", str(app), CONNECTION, "--run-config", str(run_config), "--stream"]
         proc = subprocess.Popen(cmd, env=self.env, start_new_session=True)
         self.procs["flwr-run"] = proc
-        try:
-            return proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"the run did not finish within --timeout {timeout_s:.0f} s") from None
+        deadline = time.monotonic() + timeout_s
+        while (code := proc.poll()) is None:
+            if "superlink" in self.procs and self.procs["superlink"].poll() is not None:
+                raise RuntimeError(f"the SuperLink exited during the run: {', '.join(self.dead())}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the run did not finish within --timeout {timeout_s:.0f} s")
+            time.sleep(0.5)
+        return code
 
     def dead(self) -> list[str]:
         """The fleet's SuperLink/SuperNodes that have exited, as ``name (exit code or signal)``."""
@@ -298,9 +309,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--auth", action="store_true", help="SuperNode authentication (needs --tls)")
     p.add_argument("--port", type=int, help="SuperLink port (default: a free one)")
     p.add_argument("--out", help="results folder (default: out_dir of the config, relative to the current folder)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its checkpoint.pt (its config.yaml; --config and overrides may only "
+        "change name, out_dir, sim.*, federation.stop_after/checkpoint/setup_timeout_s)",
+    )
     p.add_argument("--work", help="folder for logs, pid files, keys and FLWR_HOME (default: a new temporary one)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before the whole run is stopped")
     p.add_argument("overrides", nargs="*", help="dotted fedprge config overrides, e.g. federation.rounds=5")
+    native().add_arguments(p)
     return p
 
 
@@ -308,12 +326,14 @@ def resolve(args: argparse.Namespace, work: Path, p: argparse.ArgumentParser):
     """The run's config (absolute out_dir and .pte) and the number of nodes; exports a .pte if needed."""
     from fedprge.config import ClientSection, load_config
     from fedprge.config_rules import validate
+    from fedprge.federation import checkpoint
 
+    run = Path(args.resume).expanduser().resolve() if args.resume else None
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config([run / "config.yaml", *args.config] if run else args.config, args.overrides)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
-    cfg.out_dir = str(Path(args.out or cfg.out_dir).expanduser().resolve())
+    cfg.out_dir = str(run.parent if run else Path(args.out or cfg.out_dir).expanduser().resolve())
     nodes = args.nodes or cfg.federation.clients
     if not 1 <= nodes <= cfg.federation.clients:
         p.error(f"--nodes {nodes} is invalid; it must be in [1, federation.clients={cfg.federation.clients}]")
@@ -336,7 +356,20 @@ def resolve(args: argparse.Namespace, work: Path, p: argparse.ArgumentParser):
         except ValueError as e:
             p.error(str(e))
     cfg.client = ClientSection(backend, pte)
-    return validate(cfg), nodes
+    cfg = validate(cfg)
+    if run:
+        try:
+            checkpoint.check_compatible(checkpoint.load(run / checkpoint.NAME)["config"], cfg)
+        except (ValueError, FileNotFoundError) as e:
+            p.error(str(e))
+    return cfg, nodes
+
+
+def summary_time(run: Path) -> int | None:
+    """When the run folder's summary.json was written (None: not yet)."""
+    with contextlib.suppress(OSError):
+        return (run / "summary.json").stat().st_mtime_ns
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -346,15 +379,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("choose --tls DIR (self-signed certificates, made if missing) or, knowingly, --insecure")
     if args.auth and not args.tls:
         p.error("--auth needs --tls: Flower only authenticates SuperNodes over TLS")
+    if args.resume and args.out:
+        p.error("--out does not go with --resume: the results stay in the resumed run folder")
     work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="fedprge-fleet-"))
     work.mkdir(parents=True, exist_ok=True)
     cfg, nodes = resolve(args, work, p)
+    if why := native().check(args, cfg, nodes):
+        p.error(why)
     from fedprge.config import to_yaml
 
     run_toml = work / "run.toml"
-    run_toml.write_text(f"config = {json.dumps(to_yaml(cfg))}\n")  # a JSON string is a valid TOML basic string
+    resume = str(Path(args.resume).resolve()) if args.resume else ""
+    # a JSON string is a valid TOML basic string
+    run_toml.write_text(f"config = {json.dumps(to_yaml(cfg))}\nresume = {json.dumps(resume)}\n")
     out = Path(cfg.out_dir)
-    before = set(out.glob(f"{cfg.name}-*")) if out.exists() else set()
+
+    before = {d: summary_time(d) for d in ([Path(resume)] if resume else out.glob(f"{cfg.name}-*"))}
+
+    def runs() -> list[Path]:
+        """This run's folder: the resumed one, or the new ones named after the config."""
+        return [Path(resume)] if resume else sorted(set(out.glob(f"{cfg.name}-*")) - set(before))
 
     def on_sigterm(signum, frame):  # noqa: ARG001
         raise KeyboardInterrupt
@@ -367,6 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"fleet: SuperLink {HOST}:{fleet.port} ({security}), {nodes} SuperNodes ({cfg.client.backend} clients"
         + (f", {cfg.client.pte}" if cfg.client.pte else "")
+        + (f"; {args.native} of them native" if args.native else "")
         + f"); logs in {fleet.logs}",
         flush=True,
     )
@@ -374,10 +419,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         fleet.start_superlink(cwd=Path.cwd())
         extra = {"pte": cfg.client.pte} if cfg.client.backend == "executorch" else {}
         for i in range(nodes):
-            fleet.start_supernode(i, cfg.federation.clients, extra)
+            if i < args.native:  # partitions 0..N-1: native C++ clients (clients/native/launch.py)
+                native().start(fleet, i, cfg, args.native_bin, HOST)
+            else:
+                fleet.start_supernode(i, cfg.federation.clients, extra)
         code = fleet.run(REPO, run_toml, args.timeout)
-        new = sorted(set(out.glob(f"{cfg.name}-*")) - before) if out.exists() else []
-        done = [d for d in new if (d / "summary.json").exists()]
+        done = [d for d in runs() if summary_time(d) not in (None, before.get(d))]
         if dead := fleet.dead():
             print(f"fleet: exited during the run: {', '.join(dead)}; their logs are in {fleet.logs}", file=sys.stderr)
         if code != 0 or not done:
@@ -385,17 +432,40 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"fleet: the run failed (flwr run exit code {code}); see the log above and {fleet.logs}",
                 file=sys.stderr,
             )
+            resume_hint(args, runs())
             return 1
         print(f"fleet: results in {done[-1]}", flush=True)
         return 0
     except KeyboardInterrupt:
         print("fleet: interrupted; stopping every process", file=sys.stderr)
+        resume_hint(args, runs())
         return 130
     except RuntimeError as e:
         print(f"fleet: {e}", file=sys.stderr)
+        resume_hint(args, runs())
         return 1
     finally:
         fleet.stop()
+
+
+def resume_hint(args: argparse.Namespace, runs: list[Path]) -> None:
+    """Say how to continue the run, if it checkpointed a round."""
+    if saved := [d for d in runs if (d / "checkpoint.pt").exists()]:
+        security = f"--tls {args.tls}" + (" --auth" if args.auth else "") if args.tls else "--insecure"
+        print(
+            f"fleet: continue with: python clients/fleet.py {security} --resume {saved[-1]} "
+            "(with the same --nodes and client options)",
+            file=sys.stderr,
+        )
+
+
+def native():
+    """``clients/native/launch.py``: native clients in the fleet (imported by path: this file also runs as a script)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from clients.native import launch
+
+    return launch
 
 
 if __name__ == "__main__":

@@ -152,6 +152,13 @@ class PrivacySection:
     noise_multiplier: float = 0.0  # sigma: noise std is sigma x C (0: clipping only, epsilon infinite)
     epsilon: float = 0.0  # target epsilon: calibrate sigma with the accountant instead (0: use noise_multiplier)
     delta: float = 1e-5  # must be < 1 / federation.clients (a user-level delta at or above 1/N protects no one)
+    # SecAgg+ (Flower's SecAggPlusWorkflow and secaggplus_mod): the server learns only the weighted mean of a round's
+    # scalars, never one client's (fedprge/federation/secagg.py); needs seed_scope=round and no per-client server rule
+    secagg: bool = False
+    secagg_range: float = 8.0  # c: every uplinked value is clipped to [-c, c] on the client (counted) before encoding
+    secagg_quantization: int = 4194304  # Q (2**22): fixed-point levels over [-c, c]; error <= 3 n c / Q per coefficient
+    secagg_shares: float = 1.0  # share of the round's clients that hold a share of each client's secrets
+    secagg_threshold: float = 0.5  # share of those shares needed to unmask: tolerates the rest dropping out
 
 
 @dataclass

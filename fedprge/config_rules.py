@@ -80,6 +80,10 @@ RANGES: tuple[tuple[str, str, str], ...] = (
     ("privacy.noise_multiplier", "[0, inf)", "0: clipping only"),
     ("privacy.epsilon", "[0, inf)", "0: no target, use privacy.noise_multiplier"),
     ("privacy.delta", "(0, 1)", ""),
+    ("privacy.secagg_range", "(0, inf)", "c: uplinked values are clipped to [-c, c]"),
+    ("privacy.secagg_quantization", "[2, 2**31]", "Q: fixed-point levels over [-c, c]"),
+    ("privacy.secagg_shares", "(0, 1]", "a share of the round's clients"),
+    ("privacy.secagg_threshold", "(0, 1]", "a share of privacy.secagg_shares"),
 )
 
 
@@ -129,6 +133,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.export.personal in ("", *ev.personalization), "export.personal", cfg.export.personal, allowed)
     _validate_client(cfg)
     _validate_privacy(cfg)
+    _validate_secagg(cfg)
     return cfg
 
 
@@ -151,6 +156,32 @@ def _validate_privacy(cfg: RunConfig) -> None:
         _check(fed.aggregation == "mean", "federation.aggregation", fed.aggregation, allowed)
         allowed = "privacy.mode='central' cannot use downlink='pool' (pool seeds may merge directions)"
         _check(fed.downlink != "pool", "federation.downlink", fed.downlink, allowed)
+
+
+def _validate_secagg(cfg: RunConfig) -> None:
+    """SecAgg+ hides every individual reply: each setting that needs one (or per-client directions) is refused."""
+    if not cfg.privacy.secagg:
+        return
+    from fedprge.federation.sampling import sample_round  # a config module may not import the federation at load
+
+    fed, why = cfg.federation, "privacy.secagg=true"
+    _check(fed.algorithm == "prge", "federation.algorithm", fed.algorithm, f"{why} needs federation.algorithm='prge'")
+    allowed = f"{why} needs federation.seed_scope='round' (the server may only learn the sum of shared-seed scalars)"
+    _check(fed.seed_scope == "round", "federation.seed_scope", fed.seed_scope, allowed)
+    allowed = f"{why} needs federation.aggregation='mean' (a median or a trim needs every client's scalars)"
+    _check(fed.aggregation == "mean", "federation.aggregation", fed.aggregation, allowed)
+    allowed = f"{why} hides each client's norm: set federation.norm_bound=0 (clients clip to privacy.secagg_range)"
+    _check(fed.norm_bound == 0, "federation.norm_bound", fed.norm_bound, allowed)
+    allowed = f"{why} hides each reply: set federation.max_abs_grad=0 (clients clip to privacy.secagg_range)"
+    _check(fed.max_abs_grad == 0, "federation.max_abs_grad", fed.max_abs_grad, allowed)
+    allowed = f"{why} cannot send a client's B to the server (federation.verify replays one client's scalars)"
+    _check(not fed.verify, "federation.verify", fed.verify, allowed)
+    n = len(sample_round(cfg, fed.clients, 1))
+    allowed = f"it samples {n} client(s) per round; {why} needs at least 2 (the sum of one is that client's scalars)"
+    _check(n >= 2, "federation.fraction", fed.fraction, allowed)
+    q = cfg.privacy.secagg_quantization
+    allowed = f"with {why}, {n} clients per round x {q} levels must stay below SecAgg+'s modulus 2**32"
+    _check(n * q < 2**32, "privacy.secagg_quantization", q, allowed)
 
 
 def _validate_client(cfg: RunConfig) -> None:

@@ -52,12 +52,14 @@ def round_row(
     down_weights: int = 0,
     train_loss: float = math.nan,
     reconstruction_error: float = math.nan,
+    range_clipped: float = 0.0,
 ) -> dict[str, Any]:
     """One ``rounds.csv`` row, the same columns for every method (P-RGE and the FedAvg baselines).
 
     ``up`` / ``down``: the round's training bytes as :class:`~fedprge.federation.traffic.Traffic` counted them;
     ``sampled``: train messages sent, ``ok``: replies accepted. A count a method has no use for stays 0 and a
-    number it does not measure stays NaN (FedAvg replays nothing: ``reconstruction_error``)."""
+    number it does not measure stays NaN (FedAvg replays nothing: ``reconstruction_error``). ``range_clipped``
+    (``privacy.secagg`` only): the example-weighted share of uplinked values clients clipped to the range."""
     return {
         "round": rnd,
         "sampled": sampled,
@@ -75,6 +77,7 @@ def round_row(
         "uplink_bytes_per_client": up / max(ok, 1),
         "downlink_bytes_per_client": down / max(sampled, 1),
         "reconstruction_error": reconstruction_error,
+        "range_clipped": range_clipped,
         "seconds": seconds,
     }
 
@@ -199,6 +202,10 @@ class RunWriter:
         }
         if self.cfg.privacy.mode != "off":
             self.summary["privacy"] = privacy.report(self.cfg)
+        if self.cfg.privacy.secagg:
+            from fedprge.federation import secagg
+
+            self.summary["secagg"] = secagg.report(self.cfg)
         torch.save(b, self.dir / "global_b.pt")
         (self.dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
         (self.dir / "rounds.json").write_text(json.dumps(self.rounds, indent=2))

@@ -1,6 +1,7 @@
-"""Faults and hostile clients on the tiny model: dropped clients, and one client in ten poisoning its update.
+"""Faults and hostile clients: dropped clients, and one client in ten poisoning its update.
 
-    python simulations/reliability.py                              # the README's two measurements (~10 min)
+    python simulations/reliability.py                              # the tiny model (~10 min)
+    python simulations/reliability.py --model smollm2              # SmolLM2 on Shakespeare, the main job's model
     python simulations/reliability.py --rounds 2 --poison-rounds 2 # a quick look
 
 Drops: 20 clients, 10 per round, ``--rounds`` rounds, clean and with ``faults.drop_rate=0.3``. Poisoning: 10 clients,
@@ -20,14 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SMOKE = ["configs/smoke.yaml"]
-COMMON = ["eval.personalization=[global]", "eval.every=0"]
+BASE = {"tiny": ["configs/smoke.yaml"], "smollm2": []}  # smollm2: the defaults (the main job's model and data)
+COMMON = ["eval.personalization=[global]", "eval.every=0", "federation.fraction=0.5"]
 DROP = ["faults.drop_rate=0.3"]
 POISON = ["faults.poison_fraction=0.1", "faults.poison_kind=scaled"]  # -100 x the scalars (poison_scale)
 UNDEFENDED = ["federation.norm_bound=0", "federation.max_abs_grad=0"]
 
 
-def run(name: str, overrides: list[str], out: Path) -> dict:
+def run(name: str, overrides: list[str], out: Path, model: str = "tiny") -> dict:
     """One simulation; its summary, rounds and global B, and that B's loss on the clients' training text."""
     from fedprge.config import load_config, to_yaml
     from fedprge.evaluate import evaluate
@@ -35,7 +36,7 @@ def run(name: str, overrides: list[str], out: Path) -> dict:
     from fedprge.simulate import simulate
     from fedprge.task import load_task
 
-    cfg = load_config(SMOKE, [*COMMON, *overrides, f"name={name}"])
+    cfg = load_config(BASE[model], [*COMMON, *overrides, f"name={name}"])
     writer = RunWriter(cfg, out=out / name, progress=False)
     summary = simulate(cfg, writer)
     b = torch.load(writer.dir / "global_b.pt")
@@ -95,19 +96,21 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=10, help="rounds of the drop runs (20 clients)")
     p.add_argument("--poison-rounds", type=int, default=4, help="rounds of the poisoning runs (10 clients)")
-    p.add_argument("--out", type=Path, default=Path("results/reliability"))
+    p.add_argument("--model", choices=list(BASE), default="tiny")
+    p.add_argument("--out", type=Path, default=None, help="default: results/reliability[-smollm2]")
     a = p.parse_args(argv)
+    a.out = a.out or Path("results/reliability" + ("" if a.model == "tiny" else f"-{a.model}"))
     twenty = ["federation.clients=20", f"federation.rounds={a.rounds}"]
     ten = ["federation.clients=10", f"federation.rounds={a.poison_rounds}"]
     runs = {
-        "clean-20": run("clean-20", twenty, a.out),
-        "drop-20": run("drop-20", twenty + DROP, a.out),
-        "clean-10": run("clean-10", ten, a.out),
-        "poisoned-10": run("poisoned-10", ten + POISON, a.out),
-        "undefended-10": run("undefended-10", ten + POISON + UNDEFENDED, a.out),
+        "clean-20": run("clean-20", twenty, a.out, a.model),
+        "drop-20": run("drop-20", twenty + DROP, a.out, a.model),
+        "clean-10": run("clean-10", ten, a.out, a.model),
+        "poisoned-10": run("poisoned-10", ten + POISON, a.out, a.model),
+        "undefended-10": run("undefended-10", ten + POISON + UNDEFENDED, a.out, a.model),
     }
     md = (
-        f"Dropped clients (20 clients, 10 per round, {a.rounds} rounds):\n\n"
+        f"Model: {a.model}. Dropped clients (20 clients, 10 per round, {a.rounds} rounds):\n\n"
         + drops_table(runs["clean-20"], runs["drop-20"])
         + f"\nOne client in ten sending -100x its scalars (10 clients, 5 per round, {a.poison_rounds} rounds):\n\n"
         + poison_table(runs["clean-10"], runs["poisoned-10"], runs["undefended-10"])

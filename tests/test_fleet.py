@@ -225,6 +225,7 @@ def test_docs_devices_pseudocode_reproduces_the_generator():
 def fleet(tmp: Path, *args: str, timeout: float = 420, watch=None) -> tuple[int, str, Path | None]:
     """Run ``clients/fleet.py``; ``watch(work)`` is polled while it runs. Returns (code, output, run folder)."""
     work, out = tmp / "work", tmp / "runs"
+    tmp.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "clients/fleet.py", "--work", str(work), "--out", str(out), *args]
     log = tmp / "fleet.out"
     with log.open("w") as f:

@@ -31,9 +31,7 @@ from fedprge.federation.protocol import (
 )
 
 # derandomize: the same examples every run, so a CI result never hangs on a random draw
-SETTINGS = settings(
-    max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
-)
+SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 # what a ConfigRecord may hold: scalars of its five types and homogeneous lists of them
 _scalars = [

@@ -20,7 +20,7 @@ from fedprge.config import load_config, to_yaml
 from fedprge.engine.seeds import SeedSpec
 from fedprge.federation import checkpoint, faults
 from fedprge.federation.protocol import GlobalState, pack_f32
-from fedprge.federation.registry import Client, accept_registrations
+from fedprge.federation.registry import Client, accept_newcomers, accept_registrations
 from fedprge.federation.sampling import sample_round
 from fedprge.federation.strategy import PRGEStrategy
 from fedprge.results import RunWriter
@@ -414,6 +414,65 @@ def test_bad_registrations_are_refused_with_a_reason(identity, caplog):
         "node 15 rejected at registration: malformed info record",
     ):
         assert text in caplog.text
+
+
+def _registrations(infos: dict[int, dict]) -> list[Message]:
+    """Registration replies of nodes (node id -> info record)."""
+    replies = []
+    for node, info in infos.items():
+        q = Message(RecordDict(), dst_node_id=node, message_type="query")
+        q.metadata.__dict__["_message_id"] = f"q{node}"
+        replies.append(Message(RecordDict({"info": ConfigRecord(info)}), reply_to=q))
+    return replies
+
+
+def test_a_restarted_node_takes_over_its_partition_once_the_old_node_is_gone(identity, caplog):
+    caplog.set_level(logging.INFO, logger="fedprge.server")
+    s = _strategy(counts=(10, 10, 10))  # partitions 0-2 registered at the start (nodes 100-102), 3 missing
+    s.synced[2] = 3
+    replies = _registrations(
+        {
+            200: {"partition": 2, "num_examples": 10, "num_params": P},  # node 102 restarted
+            201: {"partition": 2, "num_examples": 10, "num_params": P},  # a second claim on it
+            202: {"partition": 3, "num_examples": 1000, "num_params": P},  # late, with a huge count
+            203: {"partition": 1, "num_examples": 10, "num_params": P + 1},  # another adapter
+        }
+    )
+    holders = {c.partition: c.node_id for c in s.clients}
+    clients, retry = accept_newcomers(replies, s.cfg, P, holders, online={100, 101, 102, 200, 201, 202, 203})
+    assert [(c.node_id, c.partition) for c in clients] == [(202, 3)] and retry == {200, 201}
+    assert "node 200 rejected at registration: partition 2 is held by a connected node" in caplog.text
+    assert "node 203 rejected at registration: adapter size 65 differs from the run's 64" in caplog.text
+    clients, retry = accept_newcomers(replies[:2], s.cfg, P, holders, online={100, 101, 200, 201})  # 102 is gone
+    assert [(c.node_id, c.partition) for c in clients] == [(200, 2)] and retry == {201}
+    assert "node 200 registered as client 2 between rounds (replaces node 102, no longer connected)" in caplog.text
+    assert "node 202 registered as client 3 between rounds (joined late)" in caplog.text
+    again = _registrations({101: {"partition": 1, "num_examples": 10, "num_params": P}})  # crashed, same node id
+    assert accept_newcomers(again, s.cfg, P, holders, online={100, 101})[0] == [Client(101, 1, 10)]
+    s.admit(Client(200, 2, 10))
+    s.admit(Client(202, 3, 1000))
+    assert [(c.node_id, c.partition) for c in s.clients] == [(100, 0), (101, 1), (200, 2), (202, 3)]
+    assert 102 not in s.by_node and s.by_partition[2].node_id == 200
+    assert s.synced[2] == 0  # its state died with the old process: a full catch-up next time
+    assert s.weight == {0: 10, 1: 10, 2: 10, 3: 30}  # the late one capped at 3 x the median, the others unchanged
+    nodes = {0: 100, 1: 101, 2: 200, 3: 202}
+    assert [m.metadata.dst_node_id for m in s.configure_train(1)] == [nodes[p] for p in sample_round(s.cfg, 4, 1)]
+
+
+def test_the_superlinks_reply_for_a_lost_node_counts_as_that_clients_failure(identity):
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    s = _strategy()
+    s.synced[1] = 5
+    sent = _sent(s, 1, [0, 1, 2])
+    lost = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Error: Node Unavailable"), reply_to=sent[1])
+    lost.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID  # what the SuperLink writes when heartbeats stop
+    forged = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="gone"), reply_to=sent[2])
+    forged.metadata.__dict__["_src_node_id"] = 100  # client 0 cannot fail client 2 for it
+    stats = s.aggregate(1, [_reply(sent[0], _honest(0)), lost, forged], sent=sent)
+    assert stats.ok == 1 and stats.failed == ["client 1: Error: Node Unavailable"] and stats.late == [2]
+    assert stats.crashed == [1] and s.synced[1] == 0  # it may come back without its state: registered again
+    assert stats.rejected == ["client 0: it answers a message addressed to node 102 (forged)"]
 
 
 @pytest.mark.parametrize("aggregation", ["median", "trimmed_mean"])

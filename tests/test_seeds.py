@@ -22,6 +22,7 @@ def test_every_domain_keeps_its_number():
         "DITTO": 11,
         "UNSEEN": 12,
         "DP_NOISE": 13,
+        "SECAGG_ROUNDING": 14,
     }
 
 

@@ -29,6 +29,7 @@ EVAL_FAULT = 10  # injected evaluation faults: kind (0 slow, 1 failing), partiti
 DITTO = 11  # Ditto's private directions: round, partition, step, direction
 UNSEEN = 12  # numpy: the newcomers that never train
 DP_NOISE = 13  # privacy noise (fedprge/privacy.py), simulation only: 0 client, round, partition, step | 1 server, round
+SECAGG_ROUNDING = 14  # numpy global: SecAgg+'s stochastic rounding of a client's vector (secagg.py): round, partition
 
 
 @dataclass(frozen=True)

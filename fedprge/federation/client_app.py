@@ -3,6 +3,8 @@
 Per-node state lives in ``context.state`` (it survives rounds in simulation and deployment): the run's
 config (from registration), the last synced global B and the round it reflects, the personal B (its last
 trained B) and, when a Ditto method is evaluated, its Ditto B (:mod:`fedprge.personalize`); none of them is sent.
+With ``privacy.secagg`` the train message of a round reaches :func:`train` through Flower's ``secaggplus_mod``
+(:mod:`fedprge.federation.secagg`), and the only thing the client returns is the vector that mod masks.
 A SuperNode's node config may pick the client backend (``pte='/path/p.pte'``: an ExecuTorch client that loads no
 model; see :func:`fedprge.task.client_overrides`).
 """
@@ -16,13 +18,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedprge.export.run_folder import save_personal_b
-from fedprge.federation import faults
+from fedprge.federation import faults, secagg
 from fedprge.federation.protocol import GlobalState, pack_f32
 from fedprge.federation.updates import catch_up, pool_b
 from fedprge.personalize import TRAINED_IN_ROUNDS, personalize
 from fedprge.task import Task, client_overrides, load_task
 
-app = ClientApp()
+app = ClientApp(mods=[secagg.client_mod])  # SecAgg+ stage messages go through Flower's secaggplus_mod
 
 
 def partition_of(context: Context) -> int:
@@ -41,18 +43,19 @@ def task_of(context: Context) -> Task:
     return load_task(str(context.state["setup"]["config"]), *client_overrides(context.node_config))
 
 
-def sync_global(task: Task, context: Context, msg: Message, keep: bool = True) -> torch.Tensor:
-    """Turn the downlinked state into the global B, and (``keep``) remember it for the next seed-form update."""
-    kind = str(msg.content["round"]["downlink"])
-    state = GlobalState.from_record(kind, msg.content["state"])
+def sync_global(task: Task, context: Context, content: RecordDict, keep: bool = True) -> torch.Tensor:
+    """Turn the downlinked state (a train or evaluate message's ``content``) into the global B, and (``keep``)
+    remember it for the next seed-form update."""
+    kind = str(content["round"]["downlink"])
+    state = GlobalState.from_record(kind, content["state"])
     if kind == "weights":
         b = state.b
         if b.numel() != task.num_params:
             raise ValueError(f"downlinked B has {b.numel()} entries; the adapters have {task.num_params}")
-        synced = int(msg.content["round"]["round"]) - 1
+        synced = int(content["round"]["round"]) - 1
     elif kind == "pool":
         b = pool_b(task.spec, state.pool_coefs, task.num_params, task.zo)
-        synced = int(msg.content["round"]["round"]) - 1
+        synced = int(content["round"]["round"]) - 1
     else:
         held = held_b(context, "global")
         b = held if held is not None else torch.zeros(task.num_params)
@@ -90,13 +93,15 @@ def register(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     task, part = task_of(context), partition_of(context)
-    rnd = int(msg.content["round"]["round"])
+    masked = secagg.is_masked_round(task.cfg, msg)  # privacy.secagg: the train stage of Flower's SecAgg+
+    content, weight = secagg.train_records(msg) if masked else (msg.content, 0.0)
+    rnd = int(content["round"]["round"])
     fault = faults.fault_for(task.cfg, rnd, part)  # injected faults (config section `faults`; none by default)
     if fault.drop:
         return faults.dropped_reply(msg, part, rnd)
     if fault.straggle:
         faults.straggle(task.cfg)
-    b = sync_global(task, context, msg)
+    b = sync_global(task, context, content)
     res = task.train(b, part, rnd)
     context.state["personal"] = ArrayRecord(array_dict={"b": Array(res.b.numpy())})
     if any(m in TRAINED_IN_ROUNDS for m in task.cfg.eval.personalization):  # Ditto's personal B, never sent
@@ -104,7 +109,9 @@ def train(msg: Message, context: Context) -> Message:
         ditto = task.ditto(b if start is None else start, b, part, rnd)
         context.state["ditto"] = ArrayRecord(array_dict={"b": Array(ditto.numpy())})
     grads = faults.corrupt(res.projected_grads, fault.poison, task.cfg.faults.poison_scale)
-    content = RecordDict(
+    if masked:  # only the vector the mod masks leaves: scalars, loss and clip count inside it, nothing else
+        return Message(secagg.masked_reply(task.cfg, grads, res.loss, weight, part, rnd), reply_to=msg)
+    reply = RecordDict(
         {
             "update": ConfigRecord(
                 {
@@ -116,8 +123,8 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     if task.cfg.federation.verify:
-        content["check"] = ArrayRecord(array_dict={"b": Array(res.b.numpy())})
-    return Message(content, reply_to=msg)
+        reply["check"] = ArrayRecord(array_dict={"b": Array(res.b.numpy())})
+    return Message(reply, reply_to=msg)
 
 
 @app.evaluate()
@@ -129,7 +136,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     if fault.drop:
         return faults.eval_dropped_reply(msg, part, attempt)
     time.sleep(fault.delay_s)
-    b = sync_global(task, context, msg, keep=bool(msg.content["eval"].get("sync", True)))
+    b = sync_global(task, context, msg.content, keep=bool(msg.content["eval"].get("sync", True)))
     methods = list(msg.content["eval"]["methods"])
     metrics: dict[str, float] = {"partition": part, "num_examples": len(task.client(part).test)}
     own = {name: held_b(context, name) for name in ("personal", "ditto")}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -27,7 +26,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedprge.config import RunConfig, to_yaml
 from fedprge.federation.sampling import sample_round
 from fedprge.federation.server_app import wait_for_nodes
-from fedprge.federation.traffic import Traffic
+from fedprge.federation.traffic import CountingGrid, Traffic
 from fedprge.results import RunWriter, round_row
 from fedprge.task import Task, load_task
 
@@ -110,36 +109,6 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
         return Message(RecordDict({"arrays": _to_record(state), "metrics": metrics}), reply_to=msg)
 
     return app
-
-
-class Exchange(NamedTuple):
-    """One round's train messages, their replies and the bytes :class:`Traffic` counted for each direction."""
-
-    messages: list[Message]
-    replies: list[Message]
-    down: int
-    up: int
-
-
-class CountingGrid:
-    """A Grid that counts every train message it carries in a :class:`Traffic`, as the P-RGE round loop does, and
-    keeps the last exchange for the round's ``rounds.csv`` row."""
-
-    def __init__(self, grid: Grid, traffic: Traffic) -> None:
-        self._grid, self.traffic = grid, traffic
-        self.last = Exchange([], [], 0, 0)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        messages = list(messages)
-        down = self.traffic.add("train", "down", messages)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        up = self.traffic.add("train", "up", replies)
-        if messages:  # Flower's FedAvg also sends its federated evaluation: no messages here (fraction_evaluate=0)
-            self.last = Exchange(messages, replies, down, up)
-        return replies
-
-    def __getattr__(self, name):
-        return getattr(self._grid, name)
 
 
 class DeterministicFedAvg(FedAvg):

@@ -8,7 +8,9 @@ Message types (Flower ``message_type``) and their content (``RecordDict`` keys):
   ``"state"`` (see :class:`GlobalState`); up ``"update"`` ConfigRecord{projected_grads: bytes,
   num_examples: int} and ``"metrics"`` MetricRecord{train_loss}. ``projected_grads`` are the
   local_steps x q float32 scalars, little-endian, step-major. No seed travels: each is
-  :func:`fedprge.engine.seeds.step_seeds` (run seed, round, partition, step).
+  :func:`fedprge.engine.seeds.step_seeds` (run seed, round, partition, step). With ``privacy.secagg`` these
+  records ride inside Flower's SecAgg+ stage messages and the reply is the masked vector
+  (:mod:`fedprge.federation.secagg`).
 * ``evaluate``: down ``"round"`` + ``"state"`` + ConfigRecord ``"eval"`` {methods: list[str], sync: bool,
   attempt: int (0, then 1, 2, ... when the server re-sends the same evaluation)};
   up MetricRecord ``"metrics"`` {partition, <method>_loss, <method>_acc, num_examples}.

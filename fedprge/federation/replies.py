@@ -7,6 +7,9 @@
   exceeds ``federation.max_abs_grad`` (:func:`~fedprge.federation.defences.check_reply`). Seeds never travel up,
   so none can be forged: the server derives them.
 * Sampled clients without a reply by ``federation.timeout_s`` are counted ``late``; a late reply is never read.
+  The error reply the SuperLink writes for a node that stopped sending heartbeats (killed, offline) counts as that
+  node's ``failed`` reply; like a crash it leaves the node unsynced and registered again once it is back
+  (``server_app.rejoin``).
 * An evaluation reply is refused when it is an error reply, comes from an unknown node or from another node than the
   one addressed (forged), has malformed metrics or reports another partition; ``evaluation.evaluate`` re-sends to
   such clients and reports those it could not evaluate.
@@ -20,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 from flwr.app import Message
-from flwr.common.constant import ErrorCode
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 
 from fedprge.config import FederationSection
 from fedprge.federation.defences import check_reply
@@ -44,6 +47,7 @@ class RoundStats:
     skipped: bool = False
     train_loss: float = float("nan")
     reconstruction_error: float = float("nan")
+    range_clipped: float = 0.0  # privacy.secagg: weighted share of uplinked values the clients clipped to the range
 
 
 class Accepted(NamedTuple):
@@ -60,6 +64,15 @@ def _reject(stats: RoundStats, who: str, reason: str) -> None:
     log.warning("round %d: rejected the reply of %s: %s", stats.rnd, who, reason)
 
 
+def sender(r: Message, sent: dict[str, int] | None) -> int:
+    """The node reply ``r`` speaks for: its source, except for the error reply the SuperLink writes in its own name
+    for a node it lost (``NODE_UNAVAILABLE`` once a killed node's heartbeats stop): the node it was sent to."""
+    md = r.metadata
+    if r.has_error() and md.src_node_id == SUPERLINK_NODE_ID and sent is not None:
+        return sent.get(md.reply_to_message_id, md.src_node_id)
+    return md.src_node_id
+
+
 def stale(r: Message, rnd: int, sent: dict[str, int] | None) -> str | None:
     """Why reply ``r`` does not answer a train message of round ``rnd`` (None when it does).
 
@@ -70,7 +83,7 @@ def stale(r: Message, rnd: int, sent: dict[str, int] | None) -> str | None:
     if sent is not None:
         if md.reply_to_message_id not in sent:
             return f"it answers message {md.reply_to_message_id!r}, not sent in round {rnd} (replayed)"
-        if sent[md.reply_to_message_id] != md.src_node_id:
+        if sent[md.reply_to_message_id] != sender(r, sent):
             return f"it answers a message addressed to node {sent[md.reply_to_message_id]} (forged)"
     return None
 
@@ -92,7 +105,7 @@ def check_train_replies(
     good: list[Accepted] = []
     answered: set[int] = set()
     for r in replies:
-        node = r.metadata.src_node_id
+        node = sender(r, expected)
         c = by_node.get(node)
         if c is None:
             _reject(stats, f"unknown node {node}", "it is not registered")
@@ -108,7 +121,9 @@ def check_train_replies(
         if r.has_error():
             stats.failed.append(f"{who}: {r.error.reason}")
             log.warning("round %d: client %d failed: %s", rnd, c.partition, r.error.reason)
-            if r.error.code != ErrorCode.NODE_UNAVAILABLE:  # it crashed: an offline node keeps its state
+            # it crashed, or the SuperLink lost it (killed?): its state may be gone; a client that says it is
+            # offline keeps its state
+            if r.error.code != ErrorCode.NODE_UNAVAILABLE or r.metadata.src_node_id == SUPERLINK_NODE_ID:
                 stats.crashed.append(c.partition)
             continue
         try:

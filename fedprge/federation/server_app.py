@@ -1,5 +1,7 @@
 """Flower ServerApp: wait for the nodes, register them, run the rounds of :class:`PRGEStrategy`, evaluate.
 
+Before every round the nodes that connected since (a restarted or a late SuperNode) are registered (:func:`rejoin`).
+
 ``make_server_app(cfg)`` is what ``python -m fedprge.simulate`` runs; the module-level ``app`` is the same
 server for ``flwr run`` (configuration from the run config, see pyproject.toml).
 """
@@ -15,9 +17,9 @@ from flwr.serverapp import Grid, ServerApp
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fedprge.config import RunConfig, from_yaml, load_config, to_yaml
-from fedprge.federation import checkpoint
+from fedprge.federation import checkpoint, secagg
 from fedprge.federation.evaluation import Evaluated, evaluate
-from fedprge.federation.registry import Client, accept_registrations
+from fedprge.federation.registry import Client, accept_newcomers, accept_registrations
 from fedprge.federation.strategy import PRGEStrategy
 from fedprge.federation.traffic import Traffic
 from fedprge.results import RunWriter, round_row
@@ -58,17 +60,47 @@ def wait_for_nodes(grid: Grid, n: int, timeout_s: float, min_nodes: int = 0) -> 
     return nodes
 
 
-def register(
-    grid: Grid, nodes: list[int], cfg: RunConfig, traffic: Traffic, timeout_s: float
-) -> tuple[list[Client], int]:
-    """Send every node the run's config; learn its partition id, data size and the adapter size (rules in
-    :mod:`fedprge.federation.registry`)."""
-    setup = ConfigRecord({"config": to_yaml(cfg)})
-    msgs = [Message(RecordDict({"setup": setup}), dst_node_id=n, message_type="query") for n in nodes]
+def setup(grid: Grid, nodes: list[int], cfg: RunConfig, traffic: Traffic, timeout_s: float) -> list[Message]:
+    """Send ``nodes`` the run's config; their replies carry partition id, data size and adapter size."""
+    record = ConfigRecord({"config": to_yaml(cfg)})
+    msgs = [Message(RecordDict({"setup": record}), dst_node_id=n, message_type="query") for n in nodes]
     traffic.add("setup", "down", msgs)
     replies = list(grid.send_and_receive(msgs, timeout=timeout_s))
     traffic.add("setup", "up", replies)
-    return accept_registrations(replies, cfg)
+    return replies
+
+
+def register(
+    grid: Grid, nodes: list[int], cfg: RunConfig, traffic: Traffic, timeout_s: float
+) -> tuple[list[Client], int]:
+    """Register the nodes present at the start (rules in :mod:`fedprge.federation.registry`)."""
+    return accept_registrations(setup(grid, nodes, cfg, traffic, timeout_s), cfg)
+
+
+def rejoin(grid: Grid, strategy: PRGEStrategy, traffic: Traffic, refused: set[int], crashed: set[int]) -> None:
+    """Register the nodes connected now that the run does not know yet (a restarted SuperNode comes back under a new
+    node id) and, once they are connected, the ``crashed`` ones (a restart under the same id, e.g. with SuperNode
+    auth, loses the run's config). Updates ``refused`` (nodes not to ask again) and ``crashed`` (those still away)."""
+    online = set(grid.get_node_ids())
+    new = online - set(strategy.by_node) - refused
+    again = crashed & online & set(strategy.by_node)
+    if not new and not again:
+        return
+    cfg = strategy.cfg
+    replies = setup(grid, sorted(new | again), cfg, traffic, cfg.federation.setup_timeout_s)
+    holders = {c.partition: c.node_id for c in strategy.clients}
+    clients, retry = accept_newcomers(replies, cfg, strategy.num_params, holders, online)
+    for c in clients:
+        strategy.admit(c)
+    refused |= new - retry - {c.node_id for c in clients}
+    crashed &= set(strategy.by_node) - again
+
+
+def evaluated_clients(strategy: PRGEStrategy, curve: bool = False) -> list[Client]:
+    """The clients an evaluation covers (``eval.max_clients``; ``curve``: the per-round ``eval.curve_clients``)."""
+    ev = strategy.cfg.eval
+    every = strategy.clients[: ev.max_clients] if ev.max_clients else strategy.clients
+    return every[: ev.curve_clients] if curve and ev.curve_clients else every
 
 
 def run_federation(grid: Grid, cfg: RunConfig, writer: RunWriter | None = None, resume: bool = False) -> dict:
@@ -84,9 +116,9 @@ def run_federation(grid: Grid, cfg: RunConfig, writer: RunWriter | None = None, 
     clients, num_params = register(grid, nodes, cfg, traffic, fed.setup_timeout_s)
     strategy = PRGEStrategy(cfg, clients, num_params)
     strategy.summary()
-    eval_clients = clients[: cfg.eval.max_clients] if cfg.eval.max_clients else clients
-    curve_clients = eval_clients[: cfg.eval.curve_clients] if cfg.eval.curve_clients else eval_clients
-    writer.curve_partitions = {c.partition for c in curve_clients}
+    refused = set(nodes) - set(strategy.by_node)  # refused at registration: not asked again
+    crashed: set[int] = set()  # nodes to register again once connected
+    writer.curve_partitions = {c.partition for c in evaluated_clients(strategy, curve=True)}
     path, first, seconds = writer.dir / checkpoint.NAME, 1, 0.0
     if resume:
         ck = checkpoint.load(path)
@@ -99,7 +131,7 @@ def run_federation(grid: Grid, cfg: RunConfig, writer: RunWriter | None = None, 
         before = Evaluated(writer.evals[0], writer.missing.get(0, []))
         log.info("resumed %s after round %d; every node starts unsynced", writer.dir, first - 1)
     else:
-        before = evaluate(grid, strategy, 0, ["global"], traffic, eval_clients)
+        before = evaluate(grid, strategy, 0, ["global"], traffic, evaluated_clients(strategy))
         writer.evaluation(0, before.rows, before.missing)
     columns = [
         TextColumn("[bold]round {task.completed}/{task.total}"),
@@ -112,12 +144,17 @@ def run_federation(grid: Grid, cfg: RunConfig, writer: RunWriter | None = None, 
         task = bar.add_task("rounds", total=fed.rounds, completed=first - 1, info="")
         for rnd in range(first, fed.rounds + 1):
             t_round = time.monotonic()
+            rejoin(grid, strategy, traffic, refused, crashed)
             msgs = list(strategy.configure_train(rnd))
-            down = traffic.add("train", "down", msgs)
             kinds = Counter(str(m.content["round"]["downlink"]) for m in msgs)
-            replies = list(grid.send_and_receive(msgs, timeout=fed.timeout_s))
-            up = traffic.add("train", "up", replies)  # with federation.verify it includes the B check
-            stats = strategy.aggregate(rnd, replies, sent=msgs)
+            if cfg.privacy.secagg:  # Flower's SecAgg+: the server only ever holds the round's masked vectors
+                stats, up, down = secagg.train_round(grid, strategy, rnd, msgs, traffic)
+            else:
+                down = traffic.add("train", "down", msgs)
+                replies = list(grid.send_and_receive(msgs, timeout=fed.timeout_s))
+                up = traffic.add("train", "up", replies)  # with federation.verify it includes the B check
+                stats = strategy.aggregate(rnd, replies, sent=msgs)
+            crashed |= {strategy.by_partition[p].node_id for p in stats.crashed}
             row = round_row(
                 rnd,
                 len(msgs),
@@ -134,9 +171,11 @@ def run_federation(grid: Grid, cfg: RunConfig, writer: RunWriter | None = None, 
                 down_weights=kinds["weights"],
                 train_loss=stats.train_loss,
                 reconstruction_error=float(stats.reconstruction_error),
+                range_clipped=stats.range_clipped,
             )
             if cfg.eval.every and rnd % cfg.eval.every == 0 and rnd != fed.rounds:
-                writer.evaluation(rnd, *evaluate(grid, strategy, rnd, ["global"], traffic, curve_clients))
+                curve = evaluated_clients(strategy, curve=True)
+                writer.evaluation(rnd, *evaluate(grid, strategy, rnd, ["global"], traffic, curve))
             writer.round(row, writer.last_eval(rnd))
             if fed.checkpoint:
                 state = {
@@ -155,10 +194,12 @@ def run_federation(grid: Grid, cfg: RunConfig, writer: RunWriter | None = None, 
             if rnd == fed.stop_after:
                 raise RunStopped(
                     f"stopped after round {rnd} (federation.stop_after={rnd}); "
-                    f"continue with: python -m fedprge.simulate --resume {writer.dir}"
+                    f"continue with --resume {writer.dir} (python -m fedprge.simulate or clients/fleet.py)"
                 )
     save = str(writer.dir) if cfg.export.personal else ""  # clients keep their personalized B for the export
-    after = evaluate(grid, strategy, fed.rounds, list(cfg.eval.personalization), traffic, eval_clients, save)
+    rejoin(grid, strategy, traffic, refused, crashed)
+    methods = list(cfg.eval.personalization)
+    after = evaluate(grid, strategy, fed.rounds, methods, traffic, evaluated_clients(strategy), save)
     writer.evaluation(fed.rounds, after.rows, after.missing)
     seconds += time.monotonic() - t0
     return writer.finish(
@@ -194,7 +235,10 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """``flwr run``: dotted run-config keys (e.g. ``federation.clients``) override the defaults; a non-empty
-    ``config`` key is a whole fedprge YAML config that replaces them (``clients/fleet.py`` sends its resolved one)."""
-    keys = {k: v for k, v in context.run_config.items() if k != "config"}
+    ``config`` key is a whole fedprge YAML config that replaces them (``clients/fleet.py`` sends its resolved one);
+    a non-empty ``resume`` key is a run folder to continue from its checkpoint (``clients/fleet.py --resume``)."""
+    keys = {k: v for k, v in context.run_config.items() if k not in ("config", "resume")}
     text = str(context.run_config.get("config") or "")
-    run_federation(grid, from_yaml(text) if text else load_config(overrides=[f"{k}={v}" for k, v in keys.items()]))
+    cfg = from_yaml(text) if text else load_config(overrides=[f"{k}={v}" for k, v in keys.items()])
+    resume = str(context.run_config.get("resume") or "")
+    run_federation(grid, cfg, RunWriter(cfg, out=resume) if resume else None, resume=bool(resume))

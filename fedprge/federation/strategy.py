@@ -29,6 +29,7 @@ from flwr.app import Message
 
 from fedprge import privacy
 from fedprge.config import RunConfig
+from fedprge.engine.seeds import step_seeds
 from fedprge.federation import downlink, updates
 from fedprge.federation.aggregation import apply_norm_bound, combine
 from fedprge.federation.protocol import GlobalState, RoundUpdate
@@ -58,6 +59,20 @@ class PRGEStrategy:
         self.synced = {c.partition: 0 for c in self.clients}  # last round whose update the node has applied
         self.weight = capped_weights(self.clients, fed.max_count_ratio)  # aggregation weight per partition
         self._start_b: torch.Tensor = self.b  # B at the start of the round (the clients' replay origin)
+
+    def admit(self, client: Client) -> None:
+        """Take in a node registered between rounds (:func:`~fedprge.federation.registry.accept_newcomers`): it
+        replaces its partition's old node, starts unsynced, and keeps the weight the partition already has."""
+        old = self.by_partition.get(client.partition)
+        if old is not None:
+            self.by_node.pop(old.node_id, None)
+        self.clients = sorted([c for c in self.clients if c is not old] + [client], key=lambda c: c.partition)
+        self.by_node[client.node_id] = client
+        self.by_partition[client.partition] = client
+        self.synced[client.partition] = 0
+        if client.partition not in self.weight:  # a late node: capped like the others (their weights stay)
+            capped = capped_weights(self.clients, self.cfg.federation.max_count_ratio)
+            self.weight[client.partition] = capped[client.partition]
 
     @cached_property
     def weights_bytes(self) -> int:
@@ -156,24 +171,13 @@ class PRGEStrategy:
         for p in stats.crashed:  # its per-node state may be gone: the next message must not assume it
             self.synced[p] = 0
         if len(good) < fed.min_clients:
-            stats.skipped = True
-            log.warning(
-                "round %d skipped: %d accepted replies < federation.min_clients=%d; global B unchanged",
-                rnd,
-                len(good),
-                fed.min_clients,
-            )
-            self.history[rnd] = RoundUpdate(rnd, [], np.zeros(0, dtype=np.float32))
-            return stats
+            return self.skip(stats, f"{len(good)} accepted replies < federation.min_clients={fed.min_clients}")
         for a in good:  # a node that answered has applied the catch-up we sent it
             self.synced[a.client.partition] = rnd - 1
         stats.train_loss = float(np.mean([a.loss for a in good]))
         clients = [a.client for a in good]
         grads = apply_norm_bound(stats, clients, [a.grads for a in good], fed.norm_bound)
         merged = combine(stats, clients, grads, fed, self.spec, self.weight)
-        if self.cfg.privacy.mode == "central":  # DP-ZO: noise on the weighted mean of the clipped scalars
-            w = [self.weight[c.partition] for c in clients]
-            privacy.noise_aggregate(self.cfg, rnd, merged, max(w) / sum(w))
         for a in good:
             if "check" in a.reply.content:  # the raw scalars: what the client itself applied
                 mine = updates.replay_client(self._start_b, self.spec, rnd, a.client.partition, a.grads, self.zo)
@@ -181,6 +185,32 @@ class PRGEStrategy:
                     np.nan_to_num(stats.reconstruction_error),
                     updates.relative_error(mine, a.reply.content["check"]["b"].numpy()),
                 )
+        self._apply(rnd, clients, merged)
+        return stats
+
+    def skip(self, stats: RoundStats, why: str) -> RoundStats:
+        """Leave B unchanged for round ``stats.rnd`` (an empty update), logged with ``why``."""
+        stats.skipped = True
+        log.warning("round %d skipped: %s; global B unchanged", stats.rnd, why)
+        self.history[stats.rnd] = RoundUpdate(stats.rnd, [], np.zeros(0, dtype=np.float32))
+        return stats
+
+    def apply_mean(self, rnd: int, clients: list[Client], mean: np.ndarray) -> None:
+        """Apply the example-weighted mean (local_steps, q) scalars of ``clients`` (``seed_scope=round``: every
+        client of the round used the same seeds, so the mean is the whole update; ``privacy.secagg``)."""
+        for c in clients:  # they answered: each has applied the catch-up we sent it
+            self.synced[c.partition] = rnd - 1
+        merged: dict[int, np.float32] = {}
+        for step in range(mean.shape[0]):  # the same accumulation as ``combine`` (a pool seed may repeat)
+            for seed, v in zip(step_seeds(self.spec, rnd, clients[0].partition, step), mean[step], strict=True):
+                merged[seed] = merged.get(seed, np.float32(0)) + np.float32(v)
+        self._apply(rnd, clients, merged)
+
+    def _apply(self, rnd: int, clients: list[Client], merged: dict[int, np.float32]) -> None:
+        """Central DP noise (``privacy.mode=central``), then round ``rnd``'s seed/coefficient update into B."""
+        if self.cfg.privacy.mode == "central":  # DP-ZO: noise on the weighted mean of the clipped scalars
+            w = [self.weight[c.partition] for c in clients]
+            privacy.noise_aggregate(self.cfg, rnd, merged, max(w) / sum(w))
         update = RoundUpdate(rnd, list(merged), np.array(list(merged.values()), dtype=np.float32))
         self.history[rnd] = update
         if self.spec.pool_size:
@@ -188,7 +218,6 @@ class PRGEStrategy:
             self.b = updates.pool_b(self.spec, self.pool_coefs, self.num_params, self.zo)
         else:
             self.b = updates.apply_round(self.b, update, self.zo)
-        return stats
 
     # --- checkpoint ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install the Debian packages the native client builds with (idempotent: installs only what is missing).
+#   clients/native/setup.sh
+# Needs root (or sudo) and a reachable Debian mirror; CI runs it before building.
+set -euo pipefail
+
+PACKAGES=(cmake g++ make pkg-config protobuf-compiler libprotobuf-dev libcurl4-openssl-dev libssl-dev)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+    echo "setup.sh: all build packages are installed"
+    exit 0
+fi
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || { echo "setup.sh: need root or sudo to install: ${missing[*]}" >&2; exit 1; }
+    SUDO="sudo"
+fi
+echo "setup.sh: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
