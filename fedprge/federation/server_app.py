@@ -17,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fedprge.config import RunConfig, from_yaml, load_config, to_yaml
-from fedprge.federation import checkpoint, secagg
+from fedprge.federation import checkpoint, secagg_round
 from fedprge.federation.evaluation import Evaluated, evaluate
 from fedprge.federation.registry import Client, accept_newcomers, accept_registrations
 from fedprge.federation.strategy import PRGEStrategy
@@ -148,7 +148,7 @@ def run_federation(grid: Grid, cfg: RunConfig, writer: RunWriter | None = None, 
             msgs = list(strategy.configure_train(rnd))
             kinds = Counter(str(m.content["round"]["downlink"]) for m in msgs)
             if cfg.privacy.secagg:  # Flower's SecAgg+: the server only ever holds the round's masked vectors
-                stats, up, down = secagg.train_round(grid, strategy, rnd, msgs, traffic)
+                stats, up, down = secagg_round.train_round(grid, strategy, rnd, msgs, traffic)
             else:
                 down = traffic.add("train", "down", msgs)
                 replies = list(grid.send_and_receive(msgs, timeout=fed.timeout_s))
