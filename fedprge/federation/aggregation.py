@@ -43,6 +43,16 @@ def apply_norm_bound(
     return out
 
 
+def merge_aligned(spec: SeedSpec, rnd: int, partition: int, per_step: np.ndarray) -> dict[int, np.float32]:
+    """One value per direction of round ``rnd`` (``seed_scope=round``: every client's seeds are ``partition``'s) as
+    {seed: coefficient}; a seed that repeats (a pool) adds up."""
+    merged: dict[int, np.float32] = {}
+    for step in range(per_step.shape[0]):
+        for seed, v in zip(step_seeds(spec, rnd, partition, step), per_step[step], strict=True):
+            merged[seed] = merged.get(seed, np.float32(0)) + np.float32(v)
+    return merged
+
+
 def combine(
     stats: RoundStats,
     clients: list[Client],
@@ -54,13 +64,9 @@ def combine(
     """The round's aggregated update as {seed: coefficient}; ``weight``: aggregation weight by partition."""
     n, rnd = len(clients), stats.rnd
     k = int(fed.trim_fraction * n) if fed.aggregation == "trimmed_mean" else 0
-    merged: dict[int, np.float32] = {}
     if fed.aggregation != "mean" and spec.scope == "round":  # aligned: one value per seed
-        coord = coordinate_rule(grads, fed.aggregation, k)
-        for step in range(fed.local_steps):
-            for seed, v in zip(step_seeds(spec, rnd, clients[0].partition, step), coord[step], strict=True):
-                merged[seed] = merged.get(seed, np.float32(0)) + v
-        return merged
+        return merge_aligned(spec, rnd, clients[0].partition, coordinate_rule(grads, fed.aggregation, k))
+    merged: dict[int, np.float32] = {}
     if fed.aggregation == "trimmed_mean" and k:  # per-client directions: trim by norm
         cut = extreme_norms(grads, k, [c.partition for c in clients])
         stats.trimmed = sorted(clients[i].partition for i in cut)

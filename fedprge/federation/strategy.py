@@ -29,9 +29,8 @@ from flwr.app import Message
 
 from fedprge import privacy
 from fedprge.config import RunConfig
-from fedprge.engine.seeds import step_seeds
 from fedprge.federation import downlink, updates
-from fedprge.federation.aggregation import apply_norm_bound, combine
+from fedprge.federation.aggregation import apply_norm_bound, combine, merge_aligned
 from fedprge.federation.protocol import GlobalState, RoundUpdate
 from fedprge.federation.registry import Client, capped_weights
 from fedprge.federation.replies import RoundStats, check_evaluation_reply, check_train_replies
@@ -200,11 +199,7 @@ class PRGEStrategy:
         client of the round used the same seeds, so the mean is the whole update; ``privacy.secagg``)."""
         for c in clients:  # they answered: each has applied the catch-up we sent it
             self.synced[c.partition] = rnd - 1
-        merged: dict[int, np.float32] = {}
-        for step in range(mean.shape[0]):  # the same accumulation as ``combine`` (a pool seed may repeat)
-            for seed, v in zip(step_seeds(self.spec, rnd, clients[0].partition, step), mean[step], strict=True):
-                merged[seed] = merged.get(seed, np.float32(0)) + np.float32(v)
-        self._apply(rnd, clients, merged)
+        self._apply(rnd, clients, merge_aligned(self.spec, rnd, clients[0].partition, mean))
 
     def _apply(self, rnd: int, clients: list[Client], merged: dict[int, np.float32]) -> None:
         """Central DP noise (``privacy.mode=central``), then round ``rnd``'s seed/coefficient update into B."""
