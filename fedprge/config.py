@@ -23,8 +23,11 @@ class ModelSection:
     dtype: str = "float32"
     # auto | float32 | shared-bf16: a P-RGE forward's frozen matmuls in bf16 as replica 0 + differences (~3x faster
     # on CPUs with bf16 units, projected gradients a few % off fp32; README "Performance"); auto: shared-bf16 where
-    # the machine running the client has bf16 units (CUDA, AVX-512 BF16, AMX), float32 elsewhere; evaluation: fp32
+    # the device running the client's forward has bf16 units (CUDA, AVX-512 BF16, AMX), float32 elsewhere;
+    # evaluation: fp32
     precision: str = "auto"
+    # cpu | cuda: where a client's forward runs (states, seeds and updates stay on the host); cuda: algorithm=prge
+    device: str = "cpu"
 
 
 @dataclass
@@ -165,6 +168,7 @@ class PrivacySection:
 class SimSection:
     cpus: int = 2  # CPUs Ray may use on this machine
     cpus_per_client: int = 1  # one torch thread per Ray worker: the only stable timing on small machines
+    gpus_per_client: float = 0.0  # a share of one GPU per simulated client (model.device=cuda), e.g. 0.25
     ray_address: str | None = None  # attach to an existing Ray cluster (e.g. "127.0.0.1:6379")
 
 

@@ -23,6 +23,7 @@ AGGREGATIONS = ("mean", "trimmed_mean", "median")
 CATCHUPS = ("auto", "seeds")
 POISON_KINDS = ("nan", "inf", "huge", "wrong_count", "scaled", "count")
 PRIVACY_MODES = ("off", "local", "central")
+DEVICES = ("cpu", "cuda")
 
 # every numeric key: its interval (an integer one where the field is an int; "inf]" admits infinity) and a note
 RANGES: tuple[tuple[str, str, str], ...] = (
@@ -76,6 +77,7 @@ RANGES: tuple[tuple[str, str, str], ...] = (
     ("eval.max_clients", "[0, inf)", "0: all"),
     ("sim.cpus", "[1, inf)", ""),
     ("sim.cpus_per_client", "[1, inf)", ""),
+    ("sim.gpus_per_client", "[0, inf)", "a share of one GPU per simulated client"),
     ("privacy.clip", "(0, inf)", "the L2 bound C of a client's round vector"),
     ("privacy.noise_multiplier", "[0, inf)", "0: clipping only"),
     ("privacy.epsilon", "[0, inf)", "0: no target, use privacy.noise_multiplier"),
@@ -117,6 +119,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     _choice("model.precision", cfg.model.precision, PRECISION_CHOICES)
     prec, allowed = cfg.model.precision, "shared-bf16 needs model.dtype=float32"
     _check(prec != "shared-bf16" or cfg.model.dtype == "float32", "model.precision", prec, allowed)
+    _choice("model.device", cfg.model.device, DEVICES)
+    allowed = "only federation.algorithm=prge runs on cuda; use model.device=cpu"
+    _check(cfg.model.device == "cpu" or fed.algorithm == "prge", "model.device", cfg.model.device, allowed)
     _choice("federation.downlink", fed.downlink, DOWNLINKS)
     _choice("federation.algorithm", fed.algorithm, ALGORITHMS)
     _choice("federation.seed_scope", fed.seed_scope, SEED_SCOPES)
@@ -194,5 +199,6 @@ def _validate_client(cfg: RunConfig) -> None:
         _check(cfg.model.dtype == "float32", "model.dtype", cfg.model.dtype, "an exported .pte runs in float32")
         prec = cfg.model.precision
         _check(prec != "shared-bf16", "model.precision", prec, "an exported .pte runs in float32")
+        _check(cfg.model.device == "cpu", "model.device", cfg.model.device, "an exported .pte runs on the CPU")
     else:
         _check(cl.pte is None, "client.pte", cl.pte, "a program is only used with client.backend=executorch")

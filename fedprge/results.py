@@ -133,7 +133,7 @@ class RunWriter:
         row["cum_uplink_bytes"] = prev["cum_uplink_bytes"] + row["uplink_bytes"]
         row["cum_downlink_bytes"] = prev["cum_downlink_bytes"] + row["downlink_bytes"]
         self.rounds.append(row)
-        _write_csv(self.dir / "rounds.csv", self.rounds)
+        write_csv(self.dir / "rounds.csv", self.rounds)
 
     def finish(
         self,
@@ -160,7 +160,7 @@ class RunWriter:
             per_client.append(row)
             if not _finite(row[f"untuned_{name}"]):
                 no_untuned.append({"partition": part, "reason": why_before.get(part, "no untuned (round-0) row")})
-        _write_csv(self.dir / "clients.csv", per_client)
+        write_csv(self.dir / "clients.csv", per_client)
         methods = self._method_stats(per_client)
         newcomers = set(unseen_clients(self.cfg, self.cfg.federation.clients))  # eval.unseen_fraction
         g, u = f"global_{name}", f"untuned_{name}"
@@ -186,6 +186,9 @@ class RunWriter:
             "missing_untuned": no_untuned,
             "clients_improved_by_global": better,
             "clients_compared": len(both),  # clients with both an untuned and a global metric
+            # mean validation loss of the global B (the final evaluation's global_val_loss): what studies tune on
+            "global_val_loss": _mean_finite([r.get("global_val_loss") for r in per_client]),
+            "curve_partitions": None if self.curve_partitions is None else sorted(self.curve_partitions),
             "bytes": dict(traffic.bytes),
             "payload_bytes": dict(traffic.payload),
             "messages": dict(traffic.count),
@@ -244,15 +247,29 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def _mean_finite(values: list[Any]) -> float:
+    """Mean of the finite numbers in ``values`` (NaN when there are none)."""
+    vals = [v for v in values if _finite(v)]
+    return float(np.mean(vals)) if vals else math.nan
+
+
 def _sha(b: torch.Tensor) -> str:
     import hashlib
 
     return hashlib.sha256(b.detach().numpy().tobytes()).hexdigest()
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """``rows`` as a CSV file, the columns in order of first appearance."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
+
+
+def write_rows(stem: Path, rows: list[dict[str, Any]]) -> None:
+    """A study's or benchmark's result rows as ``stem.json`` and ``stem.csv``."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    write_csv(stem.with_suffix(".csv"), rows)

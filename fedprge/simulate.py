@@ -29,7 +29,10 @@ def backend_config(cfg: RunConfig) -> dict:
         init_args["address"] = cfg.sim.ray_address
     else:  # a Ray of our own, even when a `ray start` session is the machine's current cluster
         init_args["address"], init_args["num_cpus"] = "local", cfg.sim.cpus
-    return {"client_resources": {"num_cpus": cfg.sim.cpus_per_client, "num_gpus": 0.0}, "init_args": init_args}
+    return {
+        "client_resources": {"num_cpus": cfg.sim.cpus_per_client, "num_gpus": cfg.sim.gpus_per_client},
+        "init_args": init_args,
+    }
 
 
 def check_inputs(cfg: RunConfig) -> None:
@@ -40,6 +43,15 @@ def check_inputs(cfg: RunConfig) -> None:
     from fedprge.models import prefetch, skeleton
     from fedprge.task import load_data
 
+    if cfg.model.device == "cuda" and cfg.sim.gpus_per_client <= 0:
+        raise ValueError(
+            "model.device='cuda' needs a GPU share per simulated client: set sim.gpus_per_client (e.g. 0.25)"
+        )
+    if cfg.model.device == "cuda" and not cfg.sim.ray_address:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("model.device='cuda' is invalid here: torch sees no CUDA device; use model.device=cpu")
     prefetch(cfg.model.name)
     load_data(cfg)
     LoRAFA(skeleton(cfg.model.name), cfg.lora_config())  # on the model's weightless skeleton

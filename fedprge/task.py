@@ -195,9 +195,13 @@ def make_backend(cfg: RunConfig) -> tuple[Backend, object]:
         return load_pte_backend(cfg, num_threads=max(1, cfg.sim.cpus_per_client)), load_tokenizer(cfg.model.name)
     from fedprge.models import load_model
 
+    device = cfg.model.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("model.device='cuda' is invalid here: torch sees no CUDA device; use model.device=cpu")
     model, tokenizer = load_model(cfg.model.name, dtype=getattr(torch, cfg.model.dtype), seed=cfg.seed)
-    precision = resolve_precision(cfg.model.precision) if cfg.model.dtype == "float32" else "float32"
-    return EagerBackend(model, LoRAFA(model, cfg.lora_config()), precision=precision), tokenizer
+    precision = resolve_precision(cfg.model.precision, device) if cfg.model.dtype == "float32" else "float32"
+    lora = LoRAFA(model, cfg.lora_config())
+    return EagerBackend(model, lora, precision=precision, device=device), tokenizer
 
 
 def client_overrides(node_config: dict) -> tuple[str | None, str | None]:

@@ -55,32 +55,45 @@ SETTINGS = {
 QUICK = ["federation.clients=5", "eval.personal_steps=4", "data.max_test_per_client=4", "federation.batch_size=2"]
 
 
-def run(setting: str, seed: int, out: Path, quick: bool) -> Path:
-    """One federation in its own process; returns its run folder (reused when it already finished)."""
-    folder = out / f"{setting}-seed{seed}"
+def finished(folder: Path) -> Path | None:
+    """The newest run under ``folder`` that evaluated every client (with its untuned metric), if any."""
     if done := sorted(folder.glob("*/summary.json")):
         summary = json.loads(done[-1].read_text())
         if summary["clients_evaluated"] == summary["clients_expected"] and not summary["missing_untuned"]:
             return done[-1].parent
         print(
-            f"{setting} seed {seed}: {done[-1].parent} evaluated {summary['clients_evaluated']} of "
-            f"{summary['clients_expected']} clients; running it again",
+            f"{done[-1].parent} evaluated {summary['clients_evaluated']} of {summary['clients_expected']} clients; "
+            "running it again",
             flush=True,
         )
-    args = [*SETTINGS[setting], f"seed={seed}", f"name={setting}", "--out", str(folder), "--no-progress"]
-    args = ["--config", "configs/smoke.yaml", *args, *QUICK] if quick else [*SMOLLM2, *args]
+    return None
+
+
+def launch(folder: Path, args: list[str], label: str) -> Path:
+    """``python -m fedprge.simulate *args`` into ``folder`` in its own process; returns the run folder (a finished
+    run there is reused, an unfinished one started over)."""
+    if done := finished(folder):
+        return done
+    args = [*args, "--out", str(folder), "--no-progress"]
     t0 = time.monotonic()
     for attempt in (1, 2):  # a run killed from outside (say, its Ray node) is started over once, from scratch
         for stale in folder.glob("*/config.yaml"):
             shutil.rmtree(stale.parent)
-        done = subprocess.run([sys.executable, "-m", "fedprge.simulate", *args])
-        if done.returncode == 0:
+        code = subprocess.run([sys.executable, "-m", "fedprge.simulate", *args]).returncode
+        if code == 0:
             break
-        print(f"{setting} seed {seed}: attempt {attempt} failed (exit {done.returncode})", flush=True)
+        print(f"{label}: attempt {attempt} failed (exit {code})", flush=True)
     else:
-        raise RuntimeError(f"{setting} seed {seed} failed twice; see its log above and {folder}")
-    print(f"{setting} seed {seed}: {time.monotonic() - t0:.0f} s -> {folder}", flush=True)
+        raise RuntimeError(f"{label} failed twice; see its log above and {folder}")
+    print(f"{label}: {time.monotonic() - t0:.0f} s -> {folder}", flush=True)
     return sorted(folder.glob("*/summary.json"))[-1].parent
+
+
+def run(setting: str, seed: int, out: Path, quick: bool) -> Path:
+    """One federation of the study in its own process; returns its run folder."""
+    args = [*SETTINGS[setting], f"seed={seed}", f"name={setting}"]
+    args = ["--config", "configs/smoke.yaml", *args, *QUICK] if quick else [*SMOLLM2, *args]
+    return launch(out / f"{setting}-seed{seed}", args, f"{setting} seed {seed}")
 
 
 def read_run(folder: Path) -> tuple[dict, list[dict[str, float]], set[int]]:
@@ -229,11 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     runs = {s: [run(s, seed, a.out, a.quick) for seed in a.seeds] for s in a.settings}
     rows = table(runs)
-    with open(a.out / "personalization.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        w.writeheader()
-        w.writerows(rows)
-    (a.out / "personalization.json").write_text(json.dumps(rows, indent=2))
+    from fedprge.results import write_rows
+
+    write_rows(a.out / "personalization", rows)
     md = markdown(rows)
     (a.out / "personalization.md").write_text(md)
     plot(runs, a.out / "personalization.png")

@@ -14,7 +14,6 @@ Prints the table and writes ``scaling.csv`` / ``.json`` and each fleet's run fol
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import time
@@ -115,13 +114,10 @@ def main() -> None:
             f"{r['peak_rss_all_mib']:.0f} / {r['peak_rss_worker_mib']:.0f}",
         )
     Console(width=160).print(t)
+    from fedprge.results import write_rows
+
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "scaling.json").write_text(json.dumps(rows, indent=2))
-    with open(out / "scaling.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(out / "scaling", rows)
     print(f"results: {out / 'scaling.json'}, {out / 'scaling.csv'}")
 
 

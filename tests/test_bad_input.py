@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
         (["--model", "smollm3"], "'smollm3'", '"tiny"'),  # neither a known name nor a folder
         (["--task", "missing.jsonl"], "'missing.jsonl'", "existing .jsonl file"),
         (["lora.target_modules=[nope]"], "'nope'", "'q_proj'"),
+        (["model.device=cuda"], "'cuda'", "sim.gpus_per_client"),  # a GPU client without a GPU share
     ],
 )
 def test_bad_input_is_one_line_and_starts_nothing(tmp_path, args, value, allowed):

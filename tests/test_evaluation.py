@@ -124,6 +124,22 @@ def test_a_client_that_never_answers_is_named_with_its_reason(never_run, caplog)
     assert f"evaluation at round 1 covers 3 of 4 clients; missing: client 1 ({reason})" in run["log"]
 
 
+def test_the_final_evaluation_reports_the_global_validation_loss(never_run):
+    """``global_val_loss`` in clients.csv is each evaluated client's validation loss of the final global B (what
+    simulations/equal_compute.py tunes on), its mean is in summary.json, and the curve clients are named there."""
+    from fedprge.task import Task
+
+    task = Task(_cfg(*NEVER))
+    s, rows = never_run["summary"], never_run["clients"]
+    got = {int(r["partition"]): float(r["global_val_loss"]) for r in rows}
+    assert sorted(got) == [0, 2, 3] and all(task.client(p).val for p in got)
+    for p, loss in got.items():
+        assert loss == pytest.approx(task.validation_loss(never_run["b"], p), rel=1e-5)
+        assert loss != pytest.approx(float(next(r for r in rows if int(r["partition"]) == p)["global_loss"]))
+    assert s["global_val_loss"] == pytest.approx(sum(got.values()) / 3, rel=1e-6)
+    assert s["curve_partitions"] == [0, 1, 2, 3]
+
+
 def test_a_client_without_a_reply_is_given_up_after_the_progress_deadline(tmp_path):
     """Client 2 answers 15 s late; the others answer at once, so after 5 s without a reply the wave gives up. Three
     workers: the late client's abandoned evaluation keeps one busy, and the two others keep the next wave going."""

@@ -83,8 +83,9 @@ def test_auto_precision_follows_the_machines_bf16_units():
     from fedprge.engine.shared_base import resolve_precision
 
     flags = set(open("/proc/cpuinfo").read().split())  # noqa: SIM115 - a one-shot read
-    bf16 = torch.cuda.is_available() or bool(flags & {"avx512_bf16", "amx_bf16"})
-    assert resolve_precision("auto") == ("shared-bf16" if bf16 else "float32")
+    bf16 = bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert resolve_precision("auto") == ("shared-bf16" if bf16 else "float32")  # the CPU's own units decide
+    assert resolve_precision("auto", "cuda") == ("shared-bf16" if torch.cuda.is_available() else "float32")
     assert [resolve_precision(p) for p in ("float32", "shared-bf16")] == ["float32", "shared-bf16"]
     with pytest.raises(ValueError, match="precision='bf16'.*auto"):
         resolve_precision("bf16")

@@ -63,6 +63,36 @@ def backend_step(
     return new_b, rec, losses
 
 
+def backend_steps(
+    backend: EagerBackend,
+    bs: Sequence[torch.Tensor],
+    batches: Sequence[Batch],
+    seeds: Sequence[Sequence[int]],
+    zo: ZOConfig,
+) -> list[tuple[torch.Tensor, StepRecord, torch.Tensor]]:
+    """:func:`backend_step` for K clients at once (cross-client batching): the K x 2q perturbed losses in ONE
+    forward (:meth:`EagerBackend.perturbed_losses_many`), then each client's own :func:`finish_step`."""
+    zs = [rng.directions(s, b.numel(), zo.distribution) for b, s in zip(bs, seeds, strict=True)]
+    losses = backend.perturbed_losses_many(bs, batches, zs, zo.eps)
+    return [(*finish_step(b, z, s, lk, zo), lk) for b, z, s, lk in zip(bs, zs, seeds, losses, strict=True)]
+
+
+def _pad(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    """``x`` (bs, T) right-padded with ``value`` to (bs, width)."""
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+
+def _example_sums(nll: torch.Tensor, owner: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token NLLs (dup, n) summed per example -> (dup, bs), and the target-token count of each example (bs,)."""
+    sums = torch.zeros(nll.shape[0], batch["input_ids"].shape[0], dtype=torch.float32).index_add_(1, owner, nll)
+    return sums, (batch["labels"][:, 1:] != -100).sum(1)
+
+
+def _mean_loss(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mean token NLL per replica (dup,) from per-example sums and counts."""
+    return sums.sum(1) / counts.sum().clamp(min=1)
+
+
 def head_nll(
     head: nn.Module, rows: torch.Tensor, targets: torch.Tensor, chunk_rows: int = HEAD_CHUNK_ROWS
 ) -> torch.Tensor:
@@ -87,15 +117,22 @@ class EagerBackend:
     The batch is repeated ``dup`` times (outer loop: q directions; inner loop: +eps/-eps) and replica k sees
     B_k. The LM head and the loss (:func:`head_nll`) are computed only at positions that carry a label.
     ``precision='shared-bf16'`` runs the frozen matmuls of a multi-replica forward in bf16 around a shared base
-    (:mod:`~fedprge.engine.shared_base`).
+    (:mod:`~fedprge.engine.shared_base`). ``device``: where the model runs (``cpu``, ``cuda``); states, seeds,
+    directions and updates stay on the host, only the forward's inputs go to the device and its losses come back.
     """
 
     def __init__(
-        self, model: nn.Module, lora: LoRAFA, chunk_rows: int = HEAD_CHUNK_ROWS, precision: str = "float32"
+        self,
+        model: nn.Module,
+        lora: LoRAFA,
+        chunk_rows: int = HEAD_CHUNK_ROWS,
+        precision: str = "float32",
+        device: str = "cpu",
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision={precision!r} is invalid; choose one of {PRECISIONS}")
-        self.model = model
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
         self.lora = lora
         self.num_params = lora.num_params
         self.per_token = True
@@ -108,33 +145,49 @@ class EagerBackend:
     def _token_nll(self, b: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """NLL of every target token per replica (dup, n), the target ids (n,) and their examples (n,)."""
         b = b if b.dim() == 2 else b.unsqueeze(0)
-        dup, (bs, _) = b.shape[0], batch["input_ids"].shape
-        ids = batch["input_ids"].repeat(dup, 1)
-        mask = batch["attention_mask"].repeat(dup, 1)
-        targets = batch["labels"][:, 1:]
-        sel = targets != -100  # the same positions in every replica
-        tgt = targets[sel]
-        owner = torch.arange(bs).unsqueeze(1).expand_as(targets)[sel]
-        with self.lora.use(b), self._replicas(dup):
-            hidden = self.trunk(input_ids=ids, attention_mask=mask).last_hidden_state
-            rows = hidden[:, :-1][sel.repeat(dup, 1)].reshape(dup, -1, hidden.shape[-1])  # replica-major
-            nll = head_nll(self.head, rows, tgt, self.chunk_rows)
-        return nll, tgt, owner
+        return self._token_nll_many(b, [batch], b.shape[0])[0]
+
+    def _token_nll_many(
+        self, b: torch.Tensor, batches: Sequence[Batch], dup: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """:meth:`_token_nll` of ``len(batches)`` clients in one trunk forward: client k's batch under replicas
+        ``b[k*dup:(k+1)*dup]``. Batches need the same number of rows; narrower ones are right-padded (masked and
+        unlabelled, which a causal LM's labelled positions never see)."""
+        sizes = {bt["input_ids"].shape[0] for bt in batches}
+        if len(sizes) != 1:
+            raise ValueError(f"cross-client batching needs batches of equal size; got sizes {sorted(sizes)}")
+        width = max(bt["input_ids"].shape[1] for bt in batches)
+        ids = torch.cat([_pad(bt["input_ids"], width, 0).repeat(dup, 1) for bt in batches])
+        mask = torch.cat([_pad(bt["attention_mask"], width, 0).repeat(dup, 1) for bt in batches])
+        per_client = dup * sizes.pop()
+        out = []
+        with self.lora.use(b.to(self.device)), self._replicas(dup, len(batches)):
+            hidden = self.trunk(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+        for k, bt in enumerate(batches):
+            bs, t = bt["input_ids"].shape
+            targets = bt["labels"][:, 1:]
+            sel = targets != -100  # the same positions in every replica
+            tgt = targets[sel]
+            owner = torch.arange(bs).unsqueeze(1).expand_as(targets)[sel]
+            h = hidden[k * per_client : (k + 1) * per_client, : t - 1]
+            rows = h[sel.repeat(dup, 1).to(self.device)].reshape(dup, -1, h.shape[-1])  # replica-major
+            with self._replicas(dup):
+                nll = head_nll(self.head, rows, tgt.to(self.device), self.chunk_rows)
+            out.append((nll.cpu(), tgt, owner))
+        return out
 
     def _nll(self, b: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed NLL per (replica, example) -> (dup, bs), and target-token counts per example (bs,)."""
         nll, _, owner = self._token_nll(b, batch)
-        sums = torch.zeros(nll.shape[0], batch["input_ids"].shape[0], dtype=torch.float32).index_add_(1, owner, nll)
-        return sums, (batch["labels"][:, 1:] != -100).sum(1)
+        return _example_sums(nll, owner, batch)
 
-    def _replicas(self, dup: int) -> AbstractContextManager:
-        return self.shared.replicas(dup) if self.shared is not None else nullcontext()
+    def _replicas(self, dup: int, groups: int = 1) -> AbstractContextManager:
+        return self.shared.replicas(dup, groups) if self.shared is not None else nullcontext()
 
     def losses(self, b: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Mean token NLL of ``batch`` under each replica of ``b`` (dup, P) -> (dup,), in ONE forward (with autograd,
         for the first-order baselines)."""
-        sums, counts = self._nll(b, batch)
-        return sums.sum(1) / counts.sum().clamp(min=1)
+        return _mean_loss(*self._nll(b, batch))
 
     def perturbed_losses(
         self, b: torch.Tensor, batch: Batch, seeds: Sequence[int], zo: ZOConfig, z: torch.Tensor | None = None
@@ -143,6 +196,18 @@ class EagerBackend:
         z = rng.directions(seeds, b.numel(), zo.distribution) if z is None else z
         with torch.no_grad():
             return self.losses(perturbed_replicas(b, z, zo.eps), batch)
+
+    def perturbed_losses_many(
+        self, bs: Sequence[torch.Tensor], batches: Sequence[Batch], zs: Sequence[torch.Tensor], eps: float
+    ) -> torch.Tensor:
+        """Cross-client batching: (K, 2q) perturbed losses of K clients, client k's replicas b_k +/- eps z_k on its
+        own batch, all K in ONE forward (what :meth:`perturbed_losses` gives each, up to float rounding)."""
+        reps = torch.cat([perturbed_replicas(b, z, eps) for b, z in zip(bs, zs, strict=True)])
+        dup = reps.shape[0] // len(bs)
+        with torch.no_grad():
+            parts = self._token_nll_many(reps, batches, dup)
+        sums = [_example_sums(nll, owner, bt) for (nll, _, owner), bt in zip(parts, batches, strict=True)]
+        return torch.stack([_mean_loss(*s) for s in sums])
 
     def example_nll(self, b: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():

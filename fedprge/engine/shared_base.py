@@ -9,7 +9,8 @@ Here each frozen linear layer instead computes, for the ``dup`` replica slices x
 
 so all replicas ride on one shared (bf16) base and only their small differences are rounded on their own.
 Everything else (norms, attention, activations, LoRA terms, loss) stays fp32. The cost is the same number of
-matmul rows as plain bf16 plus a bf16 copy of each frozen weight (half the model's fp32 size).
+matmul rows as plain bf16 plus a bf16 copy of each frozen weight (half the model's fp32 size). Several clients in
+one forward (cross-client batching) are ``groups`` of ``dup`` replicas, each group with its own base.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ PRECISIONS = ("float32", "shared-bf16")
 PRECISION_CHOICES = ("auto", *PRECISIONS)  # config: "auto" is resolved on the machine that runs the forward
 
 
-def has_bf16_units() -> bool:
-    """bf16 matrix units: a CUDA device, or a CPU with AVX-512 BF16 or AMX-BF16 (its /proc/cpuinfo flags)."""
-    if torch.cuda.is_available():
-        return True
+def has_bf16_units(device: str = "cpu") -> bool:
+    """bf16 matrix units on ``device``: a CUDA device has them; a CPU has AVX-512 BF16 or AMX-BF16 (its
+    /proc/cpuinfo flags)."""
+    if device == "cuda":
+        return torch.cuda.is_available()
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
@@ -36,13 +38,13 @@ def has_bf16_units() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def resolve_precision(precision: str) -> str:
-    """``auto``: shared-bf16 where the hardware has bf16 units (see :func:`has_bf16_units`), float32 elsewhere."""
+def resolve_precision(precision: str, device: str = "cpu") -> str:
+    """``auto``: shared-bf16 where ``device`` has bf16 units (see :func:`has_bf16_units`), float32 elsewhere."""
     if precision not in PRECISION_CHOICES:
         raise ValueError(f"precision={precision!r} is invalid; choose one of {PRECISION_CHOICES}")
     if precision != "auto":
         return precision
-    return "shared-bf16" if has_bf16_units() else "float32"
+    return "shared-bf16" if has_bf16_units(device) else "float32"
 
 
 class SharedBaseLinear(nn.Module):
@@ -53,6 +55,7 @@ class SharedBaseLinear(nn.Module):
         self.base = base
         self.register_buffer("w16", base.weight.detach().to(torch.bfloat16), persistent=False)
         self.dup = 1  # set by SharedBase.replicas(); 1 = an ordinary fp32 linear
+        self.groups = 1  # independent sets of dup replicas (one per client), each with its own base
 
     @property
     def weight(self) -> torch.Tensor:  # code that inspects the layer (e.g. dtype checks) sees the real weight
@@ -61,12 +64,12 @@ class SharedBaseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dup < 2:
             return self.base(x)
-        xs = x.reshape(self.dup, -1, x.shape[-1])
-        d = torch.empty(xs.shape, dtype=torch.bfloat16)
-        d[0] = xs[0]
-        torch.sub(xs[1:], xs[:1], out=d[1:])
+        xs = x.reshape(self.groups, self.dup, -1, x.shape[-1])
+        d = torch.empty(xs.shape, dtype=torch.bfloat16, device=x.device)
+        d[:, 0] = xs[:, 0]
+        torch.sub(xs[:, 1:], xs[:, :1], out=d[:, 1:])
         y = torch.matmul(d, self.w16.t()).float()
-        y[1:] += y[:1]
+        y[:, 1:] += y[:, :1]
         if self.base.bias is not None:
             y += self.base.bias
         return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -87,12 +90,13 @@ class SharedBase:
                     self.layers.append(layer)
 
     @contextmanager
-    def replicas(self, dup: int) -> Iterator[None]:
-        """Inputs of every swapped layer consist of ``dup`` equal slices, replica-major, inside this block."""
+    def replicas(self, dup: int, groups: int = 1) -> Iterator[None]:
+        """Inputs of every swapped layer consist of ``groups`` x ``dup`` equal slices, group- then replica-major,
+        inside this block; the first replica of each group is that group's base."""
         for layer in self.layers:
-            layer.dup = dup
+            layer.dup, layer.groups = dup, groups
         try:
             yield
         finally:
             for layer in self.layers:
-                layer.dup = 1
+                layer.dup, layer.groups = 1, 1

@@ -139,6 +139,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     b = sync_global(task, context, msg.content, keep=bool(msg.content["eval"].get("sync", True)))
     methods = list(msg.content["eval"]["methods"])
     metrics: dict[str, float] = {"partition": part, "num_examples": len(task.client(part).test)}
+    if msg.content["eval"].get("validate") and task.client(part).val:  # the final evaluation: for studies' tuning
+        metrics["global_val_loss"] = task.validation_loss(b, part)
     own = {name: held_b(context, name) for name in ("personal", "ditto")}
     states = personalize(task, methods, b, part, own["personal"], own["ditto"])
     if save := str(msg.content["eval"].get("save", "")):  # export.personal: keep this client's B for the export

@@ -36,10 +36,20 @@ def message(node_id: int, rnd: int, message_type: str, state: GlobalState) -> Me
 
 
 def evaluate_message(
-    node_id: int, rnd: int, state: GlobalState, methods: list[str], sync: bool, attempt: int, save: str
+    node_id: int,
+    rnd: int,
+    state: GlobalState,
+    methods: list[str],
+    sync: bool,
+    attempt: int,
+    save: str,
+    validate: bool = False,
 ) -> Message:
-    """An ``evaluate`` message: ``message`` plus the ``eval`` record (``save`` only when set)."""
+    """An ``evaluate`` message: ``message`` plus the ``eval`` record (``save`` and ``validate`` only when set;
+    ``validate``: the client also reports the validation loss of the global B, ``global_val_loss``)."""
     msg = message(node_id, rnd, "evaluate", state)
-    fields = {"methods": methods, "sync": sync, "attempt": attempt}
-    msg.content["eval"] = ConfigRecord({**fields, "save": save} if save else fields)
+    fields: dict = {"methods": methods, "sync": sync, "attempt": attempt}
+    fields.update({"save": save} if save else {})
+    fields.update({"validate": True} if validate else {})
+    msg.content["eval"] = ConfigRecord(fields)
     return msg

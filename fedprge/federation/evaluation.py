@@ -31,8 +31,10 @@ def evaluate(
     traffic: Traffic,
     clients: list[Client],
     save: str = "",
+    validate: bool = False,
 ) -> Evaluated:
-    """Evaluate ``clients`` on the global state of round ``rnd``; no client is lost without a reason.
+    """Evaluate ``clients`` on the global state of round ``rnd``; no client is lost without a reason
+    (``validate``: each row also has ``global_val_loss``, the global B's loss on the client's validation split).
 
     The wait follows progress: it ends when every client has an accepted reply, or when no reply at all came for
     ``eval.timeout_s``. A client without an accepted reply (an error reply, a refused one, or none in that time)
@@ -67,7 +69,7 @@ def evaluate(
     def send(parts: list[int]) -> None:
         for attempt in sorted({tries[p] for p in parts}):
             group = [todo[p] for p in parts if tries[p] == attempt]
-            msgs = list(strategy.configure_evaluate(rnd, methods=methods, clients=group, attempt=attempt, save=save))
+            msgs = list(strategy.configure_evaluate(rnd, methods, group, attempt=attempt, save=save, validate=validate))
             pushed = set(grid.push_messages(msgs))
             traffic.add("evaluate", "down", [m for m in msgs if m.metadata.message_id in pushed])
             for m in msgs:

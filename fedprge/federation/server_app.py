@@ -199,7 +199,7 @@ def run_federation(grid: Grid, cfg: RunConfig, writer: RunWriter | None = None, 
     save = str(writer.dir) if cfg.export.personal else ""  # clients keep their personalized B for the export
     rejoin(grid, strategy, traffic, refused, crashed)
     methods = list(cfg.eval.personalization)
-    after = evaluate(grid, strategy, fed.rounds, methods, traffic, evaluated_clients(strategy), save)
+    after = evaluate(grid, strategy, fed.rounds, methods, traffic, evaluated_clients(strategy), save, validate=True)
     writer.evaluation(fed.rounds, after.rows, after.missing)
     seconds += time.monotonic() - t0
     return writer.finish(

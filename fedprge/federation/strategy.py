@@ -132,10 +132,12 @@ class PRGEStrategy:
         clients: list[Client] | None = None,
         attempt: int = 0,
         save: str = "",
+        validate: bool = False,
     ) -> list[Message]:
         """Evaluate messages for ``clients`` (default: all); ``attempt`` counts the retries of the same evaluation
         (a retried client gets the same state, so it computes the same numbers); ``save``: the run folder where
-        each client keeps its ``export.personal`` B (empty: none)."""
+        each client keeps its ``export.personal`` B (empty: none); ``validate``: clients also report the validation
+        loss of the global B."""
         sync = self.cfg.eval.sync
         return [
             downlink.evaluate_message(
@@ -146,6 +148,7 @@ class PRGEStrategy:
                 sync,
                 attempt,
                 save,
+                validate,
             )
             for c in (clients if clients is not None else self.clients)
         ]
