@@ -37,4 +37,4 @@ def test_bad_input_is_one_line_and_starts_nothing(tmp_path, args, value, allowed
     assert value in lines[0] and allowed in lines[0]
     assert done.stdout == ""  # no Flower, Ray or fedprge log line: nothing started
     assert not out.exists()  # not even the results folder
-    assert seconds < 60  # imports only (torch, transformers), even on a busy 2-core machine
+    assert seconds < 180  # imports only (torch, transformers): 3-20 s idle, 69 s seen beside a SmolLM2 study
