@@ -23,7 +23,7 @@ from fedprge.config_rules import validate
 from fedprge.data import ClientDataset, FederatedDataset, encode, load_federated, sample_indices
 from fedprge.engine import rng
 from fedprge.engine.adapters import LoRAFA
-from fedprge.engine.backend import Backend, EagerBackend, backend_step
+from fedprge.engine.backend import Backend, EagerBackend, backend_step, check_device
 from fedprge.engine.estimator import StepRecord, ZOConfig
 from fedprge.engine.seeds import BATCH, DITTO, PERSONAL, private_seeds, step_seeds
 from fedprge.engine.shared_base import resolve_precision
@@ -196,8 +196,7 @@ def make_backend(cfg: RunConfig) -> tuple[Backend, object]:
     from fedprge.models import load_model
 
     device = cfg.model.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("model.device='cuda' is invalid here: torch sees no CUDA device; use model.device=cpu")
+    check_device(device)
     model, tokenizer = load_model(cfg.model.name, dtype=getattr(torch, cfg.model.dtype), seed=cfg.seed)
     precision = resolve_precision(cfg.model.precision, device) if cfg.model.dtype == "float32" else "float32"
     lora = LoRAFA(model, cfg.lora_config())

@@ -77,6 +77,12 @@ def backend_steps(
     return [(*finish_step(b, z, s, lk, zo), lk) for b, z, s, lk in zip(bs, zs, seeds, losses, strict=True)]
 
 
+def check_device(device: str) -> None:
+    """A one-line ``ValueError`` when ``device`` is ``cuda`` and torch sees no CUDA device."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("model.device='cuda' is invalid here: torch sees no CUDA device; use model.device=cpu")
+
+
 def _pad(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
     """``x`` (bs, T) right-padded with ``value`` to (bs, width)."""
     return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
