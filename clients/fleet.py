@@ -233,12 +233,24 @@ class Fleet:
         self.procs["flwr-run"] = proc
         deadline = time.monotonic() + timeout_s
         while (code := proc.poll()) is None:
-            if "superlink" in self.procs and self.procs["superlink"].poll() is not None:
-                raise RuntimeError(f"the SuperLink exited during the run: {', '.join(self.dead())}")
+            self._check_superlink()
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the run did not finish within --timeout {timeout_s:.0f} s")
             time.sleep(0.5)
+        if code != 0:  # `flwr run` may notice a dead SuperLink before this loop does: name the cause, not the symptom
+            self._check_superlink(wait_s=2.0)
         return code
+
+    def _check_superlink(self, wait_s: float = 0.0) -> None:
+        """Raise if the SuperLink has exited (waiting up to ``wait_s`` for it to)."""
+        link = self.procs.get("superlink")
+        if link is None:
+            return
+        if wait_s:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                link.wait(timeout=wait_s)
+        if link.poll() is not None:
+            raise RuntimeError(f"the SuperLink exited during the run: {', '.join(self.dead())}")
 
     def dead(self) -> list[str]:
         """The fleet's SuperLink/SuperNodes that have exited, as ``name (exit code or signal)``."""
