@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from personalization import TWEETS, launch, read_run  # noqa: E402 - the sibling study script
+from personalization import SMOKE, TWEETS, launch, read_run  # noqa: E402 - the sibling study script
 
 COMMON = ["eval.personalization=[global]", "eval.every=1", "export.adapters=false"]
 SETTINGS = {
@@ -48,7 +48,7 @@ SETTINGS = {
 }
 DEFAULTS = {"seeds": [0, 1, 2], "budget": 40, "grid_lr": [1e-2, 3e-2, 1e-1], "grid_eps": [1e-3, 1e-2]}
 QUICK_DEFAULTS = {"seeds": [0], "budget": 8, "grid_lr": [3e-2, 1e-1], "grid_eps": [1e-2]}
-QUICK = ["federation.clients=4", "federation.rounds=2", "data.max_test_per_client=4"]  # on configs/smoke.yaml
+QUICK = ["federation.clients=4", "federation.rounds=2", "data.max_test_per_client=4"]  # on SMOKE
 
 
 def tag(x: float) -> str:
@@ -63,7 +63,7 @@ def run(setting: str, q: int, lr: float, eps: float, seed: int, a: argparse.Name
     args = [*SETTINGS[setting], *COMMON, f"zo.q={q}", f"federation.local_steps={a.budget // q}"]
     args += [f"zo.lr={lr!r}", f"zo.eps={eps!r}", f"seed={seed}", f"name={name}"]
     if a.quick:
-        args = ["--config", "configs/smoke.yaml", *args, *QUICK]
+        args = ["--config", SMOKE, *args, *QUICK]
     label = f"{name} lr {tag(lr)} eps {tag(eps)} seed {seed}"
     return launch(a.out / setting / f"q{q}-lr{tag(lr)}-eps{tag(eps)}-seed{seed}", args, label)
 

@@ -37,6 +37,7 @@ COMMON = [
     "eval.trace=true",
     "eval.timeout_s=3600",  # one client's evaluation (7 methods, 10 steps, trace) can take many minutes when loaded
 ]
+SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")  # the tiny model, from any working dir
 SMOLLM2 = ["model.precision=shared-bf16"]
 TWEETS = [
     "data.task=tweets",
@@ -92,7 +93,7 @@ def launch(folder: Path, args: list[str], label: str) -> Path:
 def run(setting: str, seed: int, out: Path, quick: bool) -> Path:
     """One federation of the study in its own process; returns its run folder."""
     args = [*SETTINGS[setting], f"seed={seed}", f"name={setting}"]
-    args = ["--config", "configs/smoke.yaml", *args, *QUICK] if quick else [*SMOLLM2, *args]
+    args = ["--config", SMOKE, *args, *QUICK] if quick else [*SMOLLM2, *args]
     return launch(out / f"{setting}-seed{seed}", args, f"{setting} seed {seed}")
 
 

@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from personalization import SMOLLM2, TWEETS, finished, launch, read_run  # noqa: E402 - the sibling study script
+from personalization import SMOKE, SMOLLM2, TWEETS, finished, launch, read_run  # noqa: E402 - the sibling study script
 
 SETTING = [*TWEETS, "data.alpha=1.0", "eval.personalization=[global]", "eval.every=0", "eval.timeout_s=3600"]
-QUICK = ["federation.clients=4", "federation.rounds=2"]  # on configs/smoke.yaml: the tiny model, 3 local steps
+QUICK = ["federation.clients=4", "federation.rounds=2"]  # on SMOKE: the tiny model, 3 local steps
 STATS = ["mean", "median", "worst10", "untuned_mean", "sigma", "epsilon_spent"]
 
 
@@ -50,7 +50,7 @@ def label(epsilon: float) -> str:
 def base_args(seed: int, quick: bool) -> tuple[list[str], list[str]]:
     """(config files, overrides) of the run without privacy: they fix the data it trains on."""
     if quick:
-        return ["configs/smoke.yaml"], [*SETTING, *QUICK, f"seed={seed}"]
+        return [SMOKE], [*SETTING, *QUICK, f"seed={seed}"]
     return [], [*SMOLLM2, *SETTING, f"seed={seed}"]
 
 

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-BASE = {"tiny": ["configs/smoke.yaml"], "smollm2": []}  # smollm2: the defaults (the main job's model and data)
+SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")  # from any working directory
+BASE = {"tiny": [SMOKE], "smollm2": []}  # smollm2: the defaults (the main job's model and data)
 COMMON = ["eval.personalization=[global]", "eval.every=0", "federation.fraction=0.5"]
 DROP = ["faults.drop_rate=0.3"]
 POISON = ["faults.poison_fraction=0.1", "faults.poison_kind=scaled"]  # -100 x the scalars (poison_scale)

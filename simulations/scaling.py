@@ -64,7 +64,7 @@ def main() -> None:
             "eval.max_clients=20",
             f"name=scale-{n}",
         ]
-        cfg = load_config(["configs/smoke.yaml"], over)
+        cfg = load_config([str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")], over)
         compute = compute_per_client_round(cfg, list(range(5)))
         writer = RunWriter(cfg, out=Path(args.out) / f"clients-{n}", progress=False)
         t = time.perf_counter()
