@@ -121,6 +121,8 @@ def group_stats(rows: list[dict[str, float]], method: str, metric: str, higher: 
     for ref in ("global", "local"):
         diff = [sign * (r[f"{method}_{metric}"] - r[f"{ref}_{metric}"]) for r in rows]
         out[f"better_than_{ref}"] = float(np.mean([d > 0 for d in diff]))
+        if ref == "global":  # paired on the same clients: a seed's partition and untuned model cancel out
+            out["gain_over_global"] = float(np.mean(diff))
     out["loss_no_worse_than_untuned"] = float(np.mean([r[f"{method}_loss"] <= r["untuned_loss"] + 1e-9 for r in rows]))
     return out
 
@@ -155,7 +157,8 @@ def table(runs: dict[str, list[Path]]) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = ["mean", "median", "worst10", "better_than_global", "better_than_local", "loss_no_worse_than_untuned"]
+    cols = ["mean", "median", "worst10", "gain_over_global", "better_than_global", "better_than_local"]
+    cols += ["loss_no_worse_than_untuned"]
     head = "| setting | clients | method | " + " | ".join(cols) + " |\n|" + "---|" * (3 + len(cols)) + "\n"
     lines = []
     for r in rows:

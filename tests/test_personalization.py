@@ -252,4 +252,8 @@ def test_the_study_script_tables_every_method_each_run_evaluated(tmp_path):
     assert {g for s, g, m in got if s == "tweets-0.1"} == {"trained", "unseen"}
     prior_row = next(r for r in rows if r["setting"] == "shakespeare" and r["method"] == "prior")
     assert prior_row["loss_no_worse_than_untuned"] == 1.0 and prior_row["uplink_B_per_client_round"] > 0
+    global_row = next(r for r in rows if r["setting"] == "shakespeare" and r["method"] == "global")
+    # the paired gain (loss: global minus method, per client) is the difference of the means on the same clients
+    assert prior_row["gain_over_global"] == pytest.approx(global_row["mean"] - prior_row["mean"], abs=1e-9)
+    assert global_row["gain_over_global"] == 0.0
     assert (tmp_path / "personalization.png").stat().st_size > 10_000
