@@ -230,12 +230,13 @@ def test_native_node_decodes_every_downlink_like_the_python_client(native_bin, p
         cfg,
         [
             message(1, 2, "train", GlobalState("weights", b=b1)),
-            evaluate_message(1, 3, GlobalState("weights", b=b2), ["global"], True, 0, ""),
+            evaluate_message(1, 3, GlobalState("weights", b=b2), ["global"], True, 0, "", validate=True),
         ],
     )
     want = task.train(b1, 1, 2)
     assert out["replies"][1]["update"]["projected_grads"] == bits(want.projected_grads)
     assert out["replies"][2]["metrics"]["global_loss"] == task.evaluate(b2, 1)["loss"]
+    assert out["replies"][2]["metrics"]["global_val_loss"] == task.validation_loss(b2, 1)  # the final evaluation's
     assert (out["global_b"], out["synced"], out["personal_b"]) == (bits(b2), 2, bits(want.b))
 
     cfg = config(*base, "federation.downlink=pool", "federation.pool_size=16")

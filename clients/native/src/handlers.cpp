@@ -226,6 +226,9 @@ RecordDict Handlers::evaluate(const Message& msg) {
   metrics.kind = Record::Kind::Metric;
   metric(metrics.metric, "partition", data_.partition(), true);
   metric(metrics.metric, "num_examples", double(data_.test().size()), true);
+  if (config_bool(msg.content, "eval", "validate", false) && !data_.val().empty()) {  // the final evaluation
+    metric(metrics.metric, "global_val_loss", trainer_->evaluate(b, data_.val()).at("loss"), false);
+  }
   for (const auto& [method, p] : trainer_->personalize(methods, b, &state_.personal_b)) {
     for (const auto& [k, v] : trainer_->evaluate(p.b, data_.test())) metric(metrics.metric, method + "_" + k, v, false);
     for (size_t i = 0; i < p.chosen.size(); ++i) {
