@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# NOT YET RUN. Build (b): fedprge-client standalone from ExecuTorch's sources (v1.4.1), XNNPACK included, no Python
-# at run time. Written from the facts in shared/notes/native-client.md; it has not been run yet (a cold build takes
-# about 45 min of both cores on the 2-core machines) - expect to fix details on its first run.
+# Build (b): fedprge-client standalone from ExecuTorch's sources (v1.4.1), portable kernels and XNNPACK linked in, no
+# Python at run time (the build itself runs ExecuTorch's codegen with the project's venv). Re-running resumes. The
+# sources are cloned from GitHub; where it is not reachable, map the URLs to local mirrors with git's
+# `url.<mirror>.insteadOf` (e.g. in a file named by GIT_CONFIG_GLOBAL). A cold build took about 40 min of wall time on
+# a 2-core machine beside other jobs; the binary needs only libc, libstdc++, libcurl, libcrypto and libprotobuf.
 #   clients/native/build_source.sh [WORK_DIR]      default WORK_DIR: clients/native/build/source (git-ignored)
 set -euo pipefail
 
@@ -22,20 +24,30 @@ if [ ! -d "$SRC/.git" ]; then
     git -C "$SRC" checkout
 fi
 git -C "$SRC" submodule update --init --depth 1 \
-    third-party/flatbuffers third-party/flatcc third-party/json third-party/gflags \
+    third-party/flatbuffers third-party/flatcc third-party/gflags \
     backends/xnnpack/third-party/XNNPACK backends/xnnpack/third-party/cpuinfo \
-    backends/xnnpack/third-party/FXdiv backends/xnnpack/third-party/FP16 \
-    backends/xnnpack/third-party/pthreadpool
-git -C "$SRC/backends/xnnpack/third-party/pthreadpool" fetch --depth 1 origin 0e6ca137
-git -C "$SRC/backends/xnnpack/third-party/pthreadpool" checkout 0e6ca137  # the commit XNNPACK's CMake pins
+    backends/xnnpack/third-party/FXdiv backends/xnnpack/third-party/FP16
+# pthreadpool at the commit XNNPACK's CMake pins (the submodule's own commit is not needed, and gone upstream)
+PTP="$SRC/backends/xnnpack/third-party/pthreadpool"
+[ -e "$PTP/.git" ] || { rm -rf "$PTP"; git clone --no-checkout https://github.com/google/pthreadpool.git "$PTP"; }
+git -C "$PTP" fetch --depth 1 origin 0e6ca13779b57d397a5ba6bfdcaa8a275bc8ea2e
+git -C "$PTP" checkout --detach FETCH_HEAD
+# nlohmann/json: ExecuTorch's third-party CMake adds it though this build uses none of it; release v3.11.3 serves
+JSON="$SRC/third-party/json"
+[ -e "$JSON/.git" ] || { rm -rf "$JSON"; git clone --no-checkout https://github.com/nlohmann/json.git "$JSON"; }
+git -C "$JSON" fetch --depth 1 origin tag v3.11.3
+git -C "$JSON" checkout --detach v3.11.3
 
+# ExecuTorch's kernel registration is generated at build time by its codegen, which needs torchgen (torch) and the
+# executorch package: the project's venv has both
 cmake -S "$SRC" -B "$WORK/et-build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_INSTALL_PREFIX="$WORK/et-install" \
+    -DPYTHON_EXECUTABLE="$PYTHON" -DPython3_EXECUTABLE="$PYTHON" \
     -DEXECUTORCH_BUILD_EXTENSION_MODULE=ON -DEXECUTORCH_BUILD_EXTENSION_DATA_LOADER=ON \
     -DEXECUTORCH_BUILD_EXTENSION_FLAT_TENSOR=ON -DEXECUTORCH_BUILD_EXTENSION_NAMED_DATA_MAP=ON \
     -DEXECUTORCH_BUILD_EXTENSION_TENSOR=ON -DEXECUTORCH_BUILD_EXECUTOR_RUNNER=OFF \
     -DEXECUTORCH_BUILD_EXTENSION_EVALUE_UTIL=OFF -DEXECUTORCH_BUILD_EXTENSION_RUNNER_UTIL=OFF \
     -DEXECUTORCH_BUILD_DEVTOOLS=OFF -DEXECUTORCH_BUILD_XNNPACK=ON
-cmake --build "$WORK/et-build" -j "$JOBS" --target extension_module_static extension_tensor portable_ops_lib xnnpack_backend
+cmake --build "$WORK/et-build" -j "$JOBS"  # everything configured: `cmake --install` needs every library it lists
 cmake --install "$WORK/et-build"
 
 mkdir -p "$WORK/client/proto"
