@@ -157,8 +157,15 @@ def table(runs: dict[str, list[Path]]) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = ["mean", "median", "worst10", "gain_over_global", "better_than_global", "better_than_local"]
-    cols += ["loss_no_worse_than_untuned"]
+    cols = [
+        "mean",
+        "median",
+        "worst10",
+        "gain_over_global",
+        "better_than_global",
+        "better_than_local",
+        "loss_no_worse_than_untuned",
+    ]
     head = "| setting | clients | method | " + " | ".join(cols) + " |\n|" + "---|" * (3 + len(cols)) + "\n"
     lines = []
     for r in rows:

@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")  # from any working directory
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from personalization import SMOKE  # noqa: E402 - the sibling study script: configs/smoke.yaml from any directory
+
 BASE = {"tiny": [SMOKE], "smollm2": []}  # smollm2: the defaults (the main job's model and data)
 COMMON = ["eval.personalization=[global]", "eval.every=0", "federation.fraction=0.5"]
 DROP = ["faults.drop_rate=0.3"]

@@ -16,8 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from personalization import SMOKE  # noqa: E402 - the sibling study script: configs/smoke.yaml from any directory
 
 
 def compute_per_client_round(cfg, parts: list[int]) -> float:
@@ -64,7 +68,7 @@ def main() -> None:
             "eval.max_clients=20",
             f"name=scale-{n}",
         ]
-        cfg = load_config([str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")], over)
+        cfg = load_config([SMOKE], over)
         compute = compute_per_client_round(cfg, list(range(5)))
         writer = RunWriter(cfg, out=Path(args.out) / f"clients-{n}", progress=False)
         t = time.perf_counter()

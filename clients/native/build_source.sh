@@ -27,16 +27,16 @@ git -C "$SRC" submodule update --init --depth 1 \
     third-party/flatbuffers third-party/flatcc third-party/gflags \
     backends/xnnpack/third-party/XNNPACK backends/xnnpack/third-party/cpuinfo \
     backends/xnnpack/third-party/FXdiv backends/xnnpack/third-party/FP16
+pinned() {  # pinned URL DIR REF: DIR holds URL's REF (a full commit hash, or "tag NAME"), in place of a submodule
+    [ -e "$2/.git" ] || { rm -rf "$2"; git clone --no-checkout "$1" "$2"; }
+    git -C "$2" fetch --depth 1 origin $3
+    git -C "$2" checkout --detach FETCH_HEAD
+}
 # pthreadpool at the commit XNNPACK's CMake pins (the submodule's own commit is not needed, and gone upstream)
-PTP="$SRC/backends/xnnpack/third-party/pthreadpool"
-[ -e "$PTP/.git" ] || { rm -rf "$PTP"; git clone --no-checkout https://github.com/google/pthreadpool.git "$PTP"; }
-git -C "$PTP" fetch --depth 1 origin 0e6ca13779b57d397a5ba6bfdcaa8a275bc8ea2e
-git -C "$PTP" checkout --detach FETCH_HEAD
+pinned https://github.com/google/pthreadpool.git "$SRC/backends/xnnpack/third-party/pthreadpool" \
+    0e6ca13779b57d397a5ba6bfdcaa8a275bc8ea2e
 # nlohmann/json: ExecuTorch's third-party CMake adds it though this build uses none of it; release v3.11.3 serves
-JSON="$SRC/third-party/json"
-[ -e "$JSON/.git" ] || { rm -rf "$JSON"; git clone --no-checkout https://github.com/nlohmann/json.git "$JSON"; }
-git -C "$JSON" fetch --depth 1 origin tag v3.11.3
-git -C "$JSON" checkout --detach v3.11.3
+pinned https://github.com/nlohmann/json.git "$SRC/third-party/json" "tag v3.11.3"
 
 # ExecuTorch's kernel registration is generated at build time by its codegen, which needs torchgen (torch) and the
 # executorch package: the project's venv has both
