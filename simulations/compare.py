@@ -1,13 +1,17 @@
-"""Communication cost against accuracy: ``python -m fedprge.compare`` as the README's table ran, into one folder.
+"""Cost to a target: ``python -m fedprge.compare`` on Shakespeare (loss) and on tweets (accuracy), one folder each.
 
-    python simulations/compare.py                                  # SmolLM2, 10 clients, 3 rounds (~27 min)
-    python simulations/compare.py --model tiny                     # a few minutes
+    python simulations/compare.py                                  # SmolLM2, both tasks, 4 methods, 3 rounds
+    python simulations/compare.py --settings shakespeare --methods all-but-full model.precision=float32 zo.clip=0
+    python simulations/compare.py --model tiny --settings tweets   # a few minutes
 
-Every argument but ``--out`` goes to ``python -m fedprge.compare`` after the README table's settings (``--rounds 3
-model.precision=float32 zo.clip=0``: it was measured before shared-bf16 and the step rule became the defaults), so
-a later one wins. Besides compare's own ``compare.csv`` / ``.md`` / ``.json`` / ``.png`` it writes
-``progress.md``: per method the headline metric's change from the untuned model (with perplexities for the loss)
-and that change as a share of FedAvg-of-LoRA-FA's, the README's "P-RGE made N% of first-order progress".
+Per setting, compare runs P-RGE with today's defaults (``prge-seeds``), MeZO, FedKSeed and FedAvg of LoRA-FA B on
+the same clients and schedule (``--methods``; ``all-but-full`` is compare's own default set), and its table gives
+each method's bytes, forward passes and training seconds to the target (the metric every method reached) and its
+metric within the cheapest method's forwards. Other arguments go to ``python -m fedprge.compare`` after the
+setting's, so a later one wins; the second line above is the README's older byte table (measured in fp32 without
+the step rule). Besides compare's ``compare.csv`` / ``.md`` / ``.json`` / ``.png`` in ``--out/SETTING`` it writes
+``progress.md`` there: per method the metric's change from the untuned model (with perplexities for the loss) and
+that change as a share of FedAvg-of-LoRA-FA's, the README's "P-RGE made N% of first-order progress".
 """
 
 from __future__ import annotations
@@ -18,7 +22,11 @@ import math
 import sys
 from pathlib import Path
 
-README_TABLE = ["--rounds", "3", "model.precision=float32", "zo.clip=0"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from personalization import TWEETS  # noqa: E402 - the sibling study script
+
+SETTINGS = {"shakespeare": ["--rounds", "3"], "tweets": ["--rounds", "3", *TWEETS, "data.alpha=1.0"]}
+METHODS = ["prge-seeds", "mezo", "fedkseed", "fedavg-lora-fa"]
 
 
 def progress(rows: list[dict]) -> str:
@@ -40,15 +48,21 @@ def progress(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="other arguments: fedprge.compare's")
     p.add_argument("--out", type=Path, default=Path("results/compare"))
+    p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    p.add_argument("--methods", nargs="+", default=METHODS, help="compare's methods, or all-but-full (its default)")
     a, rest = p.parse_known_args(argv)
+    from fedprge.compare import DEFAULT_METHODS
     from fedprge.compare import main as compare
 
-    if rc := compare([*README_TABLE, "--out", str(a.out), *rest]):
-        return rc
-    md = progress(json.loads((a.out / "compare.json").read_text()))
-    (a.out / "progress.md").write_text(md)
-    print(md)
-    print(f"results: {a.out}")
+    methods = DEFAULT_METHODS if a.methods == ["all-but-full"] else a.methods
+    for setting in a.settings:
+        out = a.out / setting
+        if rc := compare([*SETTINGS[setting], "--methods", *methods, "--out", str(out), *rest]):
+            return rc
+        md = progress(json.loads((out / "compare.json").read_text()))
+        (out / "progress.md").write_text(md)
+        print(md)
+        print(f"results: {out}")
     return 0
 
 
