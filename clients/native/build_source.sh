@@ -5,6 +5,9 @@
 # `url.<mirror>.insteadOf` (e.g. in a file named by GIT_CONFIG_GLOBAL). A cold build took about 40 min of wall time on
 # a 2-core machine beside other jobs; the binary needs only libc, libstdc++, libcurl, libcrypto and libprotobuf.
 #   clients/native/build_source.sh [WORK_DIR]      default WORK_DIR: clients/native/build/source (git-ignored)
+#   ARCH=arm64 clients/native/build_source.sh      an aarch64 cross build (aarch64-linux-gnu.cmake) in the same
+#                                                  WORK_DIR, the sources shared; here it runs under
+#                                                  `qemu-aarch64 -L /usr/aarch64-linux-gnu BINARY ...`
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -13,8 +16,17 @@ WORK="${1:-$HERE/build/source}"
 PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
 JOBS="${JOBS:-2}"
 TAG=v1.4.1  # commit e4d02f41
+ARCH="${ARCH:-host}"
+case "$ARCH" in
+    host) SUFFIX="" CROSS=() ;;
+    # KleidiAI (Arm's int8/int4 matmul kernels for XNNPACK) is downloaded at configure time, and these fp32 programs
+    # do not use it: off
+    arm64) SUFFIX="-arm64"
+        CROSS=(-DCMAKE_TOOLCHAIN_FILE="$HERE/aarch64-linux-gnu.cmake" -DEXECUTORCH_XNNPACK_ENABLE_KLEIDI=OFF) ;;
+    *) echo "build_source.sh: ARCH=$ARCH is not one of host, arm64" >&2; exit 2 ;;
+esac
 
-"$HERE/setup.sh"
+"$HERE/setup.sh" ${SUFFIX:+--arm64}
 command -v git >/dev/null || { echo "build_source.sh: git is needed" >&2; exit 1; }
 mkdir -p "$WORK"
 SRC="$WORK/executorch"  # CMake insists on a folder named executorch
@@ -40,21 +52,22 @@ pinned https://github.com/nlohmann/json.git "$SRC/third-party/json" "tag v3.11.3
 
 # ExecuTorch's kernel registration is generated at build time by its codegen, which needs torchgen (torch) and the
 # executorch package: the project's venv has both
-cmake -S "$SRC" -B "$WORK/et-build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_INSTALL_PREFIX="$WORK/et-install" \
+ET_BUILD="$WORK/et-build$SUFFIX" ET_INSTALL="$WORK/et-install$SUFFIX" CLIENT="$WORK/client$SUFFIX"
+cmake -S "$SRC" -B "$ET_BUILD" "${CROSS[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_INSTALL_PREFIX="$ET_INSTALL" \
     -DPYTHON_EXECUTABLE="$PYTHON" -DPython3_EXECUTABLE="$PYTHON" \
     -DEXECUTORCH_BUILD_EXTENSION_MODULE=ON -DEXECUTORCH_BUILD_EXTENSION_DATA_LOADER=ON \
     -DEXECUTORCH_BUILD_EXTENSION_FLAT_TENSOR=ON -DEXECUTORCH_BUILD_EXTENSION_NAMED_DATA_MAP=ON \
     -DEXECUTORCH_BUILD_EXTENSION_TENSOR=ON -DEXECUTORCH_BUILD_EXECUTOR_RUNNER=OFF \
     -DEXECUTORCH_BUILD_EXTENSION_EVALUE_UTIL=OFF -DEXECUTORCH_BUILD_EXTENSION_RUNNER_UTIL=OFF \
     -DEXECUTORCH_BUILD_DEVTOOLS=OFF -DEXECUTORCH_BUILD_XNNPACK=ON
-cmake --build "$WORK/et-build" -j "$JOBS"  # everything configured: `cmake --install` needs every library it lists
-cmake --install "$WORK/et-build"
+cmake --build "$ET_BUILD" -j "$JOBS"  # everything configured: `cmake --install` needs every library it lists
+cmake --install "$ET_BUILD"
 
-mkdir -p "$WORK/client/proto"
-PROTOS=$("$PYTHON" "$HERE/fleet_proto.py" "$WORK/client/proto/fleet.pb")
-(cd "$WORK/client/proto" && protoc --descriptor_set_in=fleet.pb --cpp_out=. $PROTOS)
-cmake -S "$HERE" -B "$WORK/client" -DCMAKE_BUILD_TYPE=Release -DFEDPRGE_RUNTIME=source \
-    -DFLEET_PROTO_DIR="$WORK/client/proto" -DEXECUTORCH_SOURCE_BUILD="$WORK/et-install/lib/cmake/ExecuTorch"
-cmake --build "$WORK/client" -j "$JOBS"
-"$PYTHON" "$REPO/clients/vectors.py" --out "$WORK/client" > /dev/null
-echo "built $WORK/client/fedprge-client"
+mkdir -p "$CLIENT/proto"
+PROTOS=$("$PYTHON" "$HERE/fleet_proto.py" "$CLIENT/proto/fleet.pb")
+(cd "$CLIENT/proto" && protoc --descriptor_set_in=fleet.pb --cpp_out=. $PROTOS)
+cmake -S "$HERE" -B "$CLIENT" "${CROSS[@]}" -DCMAKE_BUILD_TYPE=Release -DFEDPRGE_RUNTIME=source \
+    -DFLEET_PROTO_DIR="$CLIENT/proto" -DEXECUTORCH_SOURCE_BUILD="$ET_INSTALL/lib/cmake/ExecuTorch"
+cmake --build "$CLIENT" -j "$JOBS"
+"$PYTHON" "$REPO/clients/vectors.py" --out "$CLIENT" > /dev/null
+echo "built $CLIENT/fedprge-client"
