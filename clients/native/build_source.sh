@@ -6,8 +6,8 @@
 # a 2-core machine beside other jobs; the binary needs only libc, libstdc++, libcurl, libcrypto and libprotobuf.
 #   clients/native/build_source.sh [WORK_DIR]      default WORK_DIR: clients/native/build/source (git-ignored)
 #   ARCH=arm64 clients/native/build_source.sh      an aarch64 cross build (aarch64-linux-gnu.cmake) in the same
-#                                                  WORK_DIR, the sources shared; here it runs under
-#                                                  `qemu-aarch64 -L /usr/aarch64-linux-gnu BINARY ...`
+#                                                  WORK_DIR, the sources shared; here it runs under qemu-user
+#                                                  (client-arm64/fedprge-client-qemu, the same arguments)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -70,4 +70,11 @@ cmake -S "$HERE" -B "$CLIENT" "${CROSS[@]}" -DCMAKE_BUILD_TYPE=Release -DFEDPRGE
     -DFLEET_PROTO_DIR="$CLIENT/proto" -DEXECUTORCH_SOURCE_BUILD="$ET_INSTALL/lib/cmake/ExecuTorch"
 cmake --build "$CLIENT" -j "$JOBS"
 "$PYTHON" "$REPO/clients/vectors.py" --out "$CLIENT" > /dev/null
-echo "built $CLIENT/fedprge-client"
+if [ "$ARCH" = arm64 ]; then  # the same command line on this machine, under qemu-user: usable wherever a binary is
+    printf '#!/bin/sh\nexec qemu-aarch64 -L /usr/aarch64-linux-gnu "$(dirname "$0")/fedprge-client" "$@"\n' \
+        > "$CLIENT/fedprge-client-qemu"
+    chmod +x "$CLIENT/fedprge-client-qemu"
+    echo "built $CLIENT/fedprge-client (aarch64; here: $CLIENT/fedprge-client-qemu)"
+else
+    echo "built $CLIENT/fedprge-client"
+fi
