@@ -140,6 +140,7 @@ def test_killed_run_resumes_to_the_identical_global_B(runs, tmp_path_factory, ca
 SHARED_POOL = ["federation.clients=6", "federation.fraction=0.5", "federation.seed_scope=round"]
 SHARED_POOL += ["federation.aggregation=median", "federation.downlink=pool", "federation.pool_size=64"]
 SHARED_POOL += ["federation.verify=true", "federation.norm_bound=0"]
+ID_SLACK = 3  # bytes a message may differ by between two runs: its run and node ids are random varints
 
 
 @pytest.mark.slow
@@ -168,17 +169,18 @@ def test_shared_seeds_median_and_a_resumed_pool_run_end_to_end(tmp_path_factory,
 
     assert torch.equal(resumed["b"], full["b"])
     # traffic continues across the resume: the counters restored from the checkpoint hold rounds 1-2, so the totals
-    # are the sums over all three rounds and equal the uninterrupted run's up to a byte per message (Flower's random
-    # run and message ids make a message a byte longer or shorter from run to run; one round is ~1/3 of the total)
+    # are the sums over all three rounds and equal the uninterrupted run's up to three bytes per message: each message
+    # carries three random 64-bit ids (run, source and destination node), varints of 9 or 10 bytes at random, so a
+    # message is up to 3 bytes longer or shorter from run to run (one round is ~1/3 of the total, thousands of bytes)
     got, want, count = resumed["summary"]["bytes"], full["summary"]["bytes"], full["summary"]["messages"]
     for key, col in (("train_up", "uplink_bytes"), ("train_down", "downlink_bytes")):
         assert got[key] == sum(int(r[col]) for r in resumed["rounds"]), key
         assert int(resumed["rounds"][-1][f"cum_{col}"]) == got[key]
     for key in ("train_up", "train_down", "evaluate_up", "evaluate_down"):
-        assert abs(got[key] - want[key]) <= count[key], (key, got[key], want[key], count[key])
+        assert abs(got[key] - want[key]) <= ID_SLACK * count[key], (key, got[key], want[key], count[key])
     # both registrations count: the first run's (restored from the checkpoint) and the resumed run's own
     for key in ("setup_down", "setup_up"):
-        assert abs(got[key] - 2 * want[key]) <= 2 * count[key], (key, got[key], want[key])
+        assert abs(got[key] - 2 * want[key]) <= 2 * ID_SLACK * count[key], (key, got[key], want[key])
         assert resumed["summary"]["messages"][key] == 2 * count[key]
 
     after = set(_sampled(cfg, 3))
