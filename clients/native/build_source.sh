@@ -2,7 +2,8 @@
 # Build (b): fedprge-client standalone from ExecuTorch's sources (v1.4.1), portable kernels and XNNPACK linked in, no
 # Python at run time (the build itself runs ExecuTorch's codegen with the project's venv). Re-running resumes. The
 # sources are cloned from GitHub; where it is not reachable, map the URLs to local mirrors with git's
-# `url.<mirror>.insteadOf` (e.g. in a file named by GIT_CONFIG_GLOBAL). A cold build took about 40 min of wall time on
+# `url.<mirror>.insteadOf` (e.g. in a file named by GIT_CONFIG_GLOBAL; a local mirror also needs
+# `uploadpack.allowFilter` and `protocol.file.allow=always` there). A cold build took about 40 min of wall time on
 # a 2-core machine beside other jobs; the binary needs only libc, libstdc++, libcurl, libcrypto and libprotobuf.
 #   clients/native/build_source.sh [WORK_DIR]      default WORK_DIR: clients/native/build/source (git-ignored)
 #   ARCH=arm64 clients/native/build_source.sh      an aarch64 cross build (aarch64-linux-gnu.cmake) in the same
@@ -31,7 +32,8 @@ command -v git >/dev/null || { echo "build_source.sh: git is needed" >&2; exit 1
 mkdir -p "$WORK"
 SRC="$WORK/executorch"  # CMake insists on a folder named executorch
 if [ ! -d "$SRC/.git" ]; then
-    git clone --depth 1 --branch "$TAG" --no-checkout https://github.com/pytorch/executorch "$SRC"
+    # blobless: only the blobs checked out are fetched (a mirror may lack the large ones under examples/)
+    git clone --depth 1 --filter=blob:none --branch "$TAG" --no-checkout https://github.com/pytorch/executorch "$SRC"
     git -C "$SRC" sparse-checkout set --no-cone '/*' '!/examples/'  # examples/ holds LFS blobs that are missing
     git -C "$SRC" checkout
 fi
@@ -40,7 +42,7 @@ git -C "$SRC" submodule update --init --depth 1 \
     backends/xnnpack/third-party/XNNPACK backends/xnnpack/third-party/cpuinfo \
     backends/xnnpack/third-party/FXdiv backends/xnnpack/third-party/FP16
 pinned() {  # pinned URL DIR REF: DIR holds URL's REF (a full commit hash, or "tag NAME"), in place of a submodule
-    [ -e "$2/.git" ] || { rm -rf "$2"; git clone --no-checkout "$1" "$2"; }
+    [ -e "$2/.git" ] || { rm -rf "$2"; git clone --filter=blob:none --no-checkout "$1" "$2"; }
     git -C "$2" fetch --depth 1 origin $3
     git -C "$2" checkout --detach FETCH_HEAD
 }
@@ -71,7 +73,10 @@ cmake -S "$HERE" -B "$CLIENT" "${CROSS[@]}" -DCMAKE_BUILD_TYPE=Release -DFEDPRGE
 cmake --build "$CLIENT" -j "$JOBS"
 "$PYTHON" "$REPO/clients/vectors.py" --out "$CLIENT" > /dev/null
 if [ "$ARCH" = arm64 ]; then  # the same command line on this machine, under qemu-user: usable wherever a binary is
-    printf '#!/bin/sh\nexec qemu-aarch64 -L /usr/aarch64-linux-gnu "$(dirname "$0")/fedprge-client" "$@"\n' \
+    # No -L /usr/aarch64-linux-gnu: its loader (the cross toolchain's glibc) would run with the multiarch libc.so.6 of
+    # libc6:arm64 that the arm64 libraries pull in, a different build whose private loader data does not match, and
+    # the first pthread_create then loops forever. Without -L, loader and libc both come from libc6:arm64.
+    printf '#!/bin/sh\nexec qemu-aarch64 "$(dirname "$0")/fedprge-client" "$@"\n' \
         > "$CLIENT/fedprge-client-qemu"
     chmod +x "$CLIENT/fedprge-client-qemu"
     echo "built $CLIENT/fedprge-client (aarch64; here: $CLIENT/fedprge-client-qemu)"
