@@ -6,7 +6,7 @@
 
 Each client takes ``--steps`` local P-RGE steps from zero B (``Task.local_steps``, the personalization path) under
 each ``zo.clip`` in ``--clips`` (0: no rule): the same forwards for every rule. Prints a table per client and one
-over seeds (per rule the clients' mean held-out loss and accuracy, and the paired gain over the first rule: mean +-
+over seeds (per rule the clients' mean held-out loss and accuracy, and the paired change against the first rule: mean +-
 std over seeds, ddof 1); writes ``step_rule.csv`` / ``.json`` and ``step_rule_seeds.json`` to ``--out``.
 """
 
