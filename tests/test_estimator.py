@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from conftest import small_llama
@@ -135,3 +137,18 @@ def test_clip_rms_scales_a_step_down_to_the_bound_exactly():
     assert torch.allclose(clip_rms(g, 0.5), torch.tensor([0.6, 0.8, 0.0, 0.0]))  # a bound below 1 as well
     assert torch.equal(clip_rms(g, 2.5), g) and torch.equal(clip_rms(g, 0.0), g)  # at the bound, and off
     assert float(clip_rms(g * 10, 2.5).pow(2).mean().sqrt()) == pytest.approx(2.5)
+
+
+def test_clip_rms_scale_is_computed_in_float64_the_same_on_every_cpu():
+    # torch's float32 sqrt is off by an ulp for ~20% of inputs on AVX-512 (this g: 4.3077407 instead of 4.3077402);
+    # the scale must be the correctly rounded float64 one, which the native client and any CPU reproduce
+    g = torch.tensor([0.20635128021240234, 3.2206058502197266, -1.9405126571655273, 7.748937606811523])
+    rms = math.sqrt(sum(x * x for x in g.double().tolist()) / 4)
+    assert torch.equal(clip_rms(g, 2.0), g * torch.tensor(2.0 / rms, dtype=torch.float32))
+    assert clip_rms(g, 2.0)[1].item() == 1.4952646493911743  # the native client's bits for this step
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        g = torch.randn(4, generator=rng) * 10
+        rms = math.sqrt(sum(x * x for x in g.double().tolist()) / 4)
+        want = g * torch.tensor(2.0 / rms, dtype=torch.float32) if rms > 2.0 else g
+        assert torch.equal(clip_rms(g, 2.0), want)

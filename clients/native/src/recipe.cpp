@@ -58,12 +58,11 @@ std::vector<float> projected_grads(const std::vector<float>& losses, const ZO& z
   std::vector<float> g(q);
   for (int i = 0; i < q; ++i) g[i] = (losses[i] - losses[q + i]) / two_eps;
   if (zo.clip <= 0) return g;
-  std::vector<float> sq(q);
-  for (int i = 0; i < q; ++i) sq[i] = g[i] * g[i];
-  const float rms = std::sqrt(torch_sum(sq.data(), q) / static_cast<float>(q));
-  const float clip = static_cast<float>(zo.clip);
-  if (rms > clip) {  // g * min(clip / rms, 1), clip / rms computed as reciprocal(rms) * clip (Tensor.__rdiv__)
-    const float scale = std::min((1.0f / rms) * clip, 1.0f);
+  double squares = 0.0;  // the scale in float64, in order, as estimator.clip_rms (exact squares, IEEE sum and sqrt)
+  for (int i = 0; i < q; ++i) squares += double(g[i]) * double(g[i]);
+  const double rms = std::sqrt(squares / q);
+  if (rms > zo.clip) {
+    const float scale = static_cast<float>(zo.clip / rms);
     for (float& v : g) v = v * scale;
   }
   return g;
