@@ -71,9 +71,10 @@ def noise_multiplier(cfg: RunConfig) -> float:
 
 
 def clip_l2(g: torch.Tensor, bound: float) -> torch.Tensor:
-    """``g`` scaled down so that its L2 norm is at most ``bound``."""
-    norm = g.norm()
-    return g * (bound / norm) if bool(norm > bound) else g
+    """``g`` scaled down so that its L2 norm is at most ``bound`` (the norm in float64, as ``clip_rms``'s: the same
+    bits on every CPU)."""
+    norm = math.sqrt(sum(x * x for x in g.double().tolist()))
+    return g * torch.tensor(bound / norm, dtype=torch.float32) if norm > bound else g
 
 
 def noise(seed: int, n: int, std: float) -> torch.Tensor:
