@@ -29,6 +29,7 @@ import torch
 
 from fedprge.config import RunConfig
 from fedprge.engine import rng
+from fedprge.engine.estimator import sum_of_squares
 from fedprge.engine.seeds import DP_NOISE
 
 ACCOUNTANT = "opacus.accountants.RDPAccountant"
@@ -71,9 +72,8 @@ def noise_multiplier(cfg: RunConfig) -> float:
 
 
 def clip_l2(g: torch.Tensor, bound: float) -> torch.Tensor:
-    """``g`` scaled down so that its L2 norm is at most ``bound`` (the norm in float64, as ``clip_rms``'s: the same
-    bits on every CPU)."""
-    norm = math.sqrt(sum(x * x for x in g.double().tolist()))
+    """``g`` scaled down so that its L2 norm is at most ``bound`` (the norm in float64: the same bits on every CPU)."""
+    norm = math.sqrt(sum_of_squares(g))
     return g * torch.tensor(bound / norm, dtype=torch.float32) if norm > bound else g
 
 

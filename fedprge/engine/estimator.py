@@ -60,14 +60,18 @@ class StepRecord:
     projected_grads: tuple[float, ...]  # float32 values
 
 
+def sum_of_squares(g: torch.Tensor) -> float:
+    """Sum of g's squares in float64, in order (exact squares, IEEE sums): the same bits on every CPU and in the
+    native client, which a scale built on torch's float32 sqrt is not (AVX-512: ~20% of inputs 1 ulp off)."""
+    return sum(x * x for x in g.double().tolist())
+
+
 def clip_rms(g: torch.Tensor, clip: float) -> torch.Tensor:
     """``g`` scaled down so that its root-mean-square is at most ``clip`` (unchanged when ``clip`` is 0)."""
     g = g.to(torch.float32)
     if clip <= 0:
         return g
-    # the scale in float64, summed in order with correctly rounded ops, so that every CPU and the native client get
-    # the same bits: torch's float32 sqrt is not correctly rounded on every CPU (AVX-512: ~20% of inputs, 1 ulp off)
-    rms = math.sqrt(sum(x * x for x in g.double().tolist()) / len(g))
+    rms = math.sqrt(sum_of_squares(g) / len(g))
     return g * torch.tensor(clip / rms, dtype=torch.float32) if rms > clip else g
 
 
