@@ -2,6 +2,7 @@
 
     python simulations/equal_compute.py                        # SmolLM2: Shakespeare (loss) and tweets (accuracy)
     python simulations/equal_compute.py --settings tweets --qs 2 4
+    python simulations/equal_compute.py --settings shakespeare-small tweets-small   # 10 clients, 5 a round, 3 rounds
     python simulations/equal_compute.py --quick                # tiny model, one seed, two grid points (the test)
 
 Every q gets the same forward budget per client-round: ``federation.local_steps * zo.q = --budget`` (40: q = 1
@@ -46,6 +47,8 @@ SETTINGS = {
     "shakespeare": [],  # the main job as it is (SmolLM2, model.precision=auto, 50 roles, 5 rounds)
     "tweets": [*TWEETS, "data.alpha=1.0"],
 }
+SMALL = ["federation.clients=10", "federation.fraction=0.5", "federation.rounds=3"]  # compare.py's scale
+SETTINGS |= {f"{name}-small": [*args, *SMALL] for name, args in SETTINGS.items()}  # ~2-4 min a run, not ~10
 DEFAULTS = {"seeds": [0, 1, 2], "budget": 40, "grid_lr": [1e-2, 3e-2, 1e-1], "grid_eps": [1e-3, 1e-2]}
 QUICK_DEFAULTS = {"seeds": [0], "budget": 8, "grid_lr": [3e-2, 1e-1], "grid_eps": [1e-2]}
 QUICK = ["federation.clients=4", "federation.rounds=2", "data.max_test_per_client=4"]  # on SMOKE
@@ -289,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedprge.results import write_csv
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--settings", nargs="+", default=["shakespeare", "tweets"], choices=list(SETTINGS))
     p.add_argument("--qs", nargs="+", type=int, default=[1, 2, 4, 8])
     p.add_argument("--seeds", nargs="+", type=int, help="the first one also tunes lr and eps (default 0 1 2)")
     p.add_argument("--budget", type=int, help="local_steps * q per client-round (default 40)")
