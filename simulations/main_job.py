@@ -2,22 +2,34 @@
 
     python simulations/main_job.py                                # the defaults: SmolLM2, 50 Shakespeare roles
     python simulations/main_job.py --config configs/smoke.yaml    # the tiny model, about a minute
+    python simulations/main_job.py --versus                       # today's defaults against the previous ones
 
-Every argument but ``--out`` goes to ``python -m fedprge.simulate`` unchanged. Besides the run folder
-(``--out``/run: rounds.csv, clients.csv, summary.json, metric.png) it writes ``main_job.md``: per method the mean,
-median and worst 10% of the held-out metric, on how many clients it beat ``global`` and kept the held-out loss
-at or below the untuned model's, and the local step counts the validation chose.
+Every argument but ``--out`` and ``--versus`` goes to ``python -m fedprge.simulate`` unchanged. Besides the run
+folder (``--out``/run: rounds.csv, clients.csv, summary.json, metric.png) it writes ``main_job.md``: per method the
+mean, median and worst 10% of the held-out metric, on how many clients it beat ``global`` and kept the held-out
+loss at or below the untuned model's, and the local step counts the validation chose.
+
+``--versus`` runs the job twice side by side instead, each in its own process and one after the other: with the
+previous defaults (:data:`PREVIOUS`, the overrides that restore them) and with today's. It writes
+``versus.md`` / ``.json``: per run the process's wall seconds, its training rounds' seconds, the training
+replica-forwards, the uplink per client-round and every method's mean held-out metric.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import math
+import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
+
+# the main job's defaults before the equal-compute study chose today's (README, "The main job")
+PREVIOUS = ["zo.q=4", "federation.local_steps=10", "zo.lr=0.03"]
 
 
 def markdown(summary: dict, clients: list[dict[str, float]]) -> str:
@@ -49,10 +61,69 @@ def _number(v: str) -> float:
     return float(v) if v else math.nan
 
 
+def timed_run(folder: Path, args: list[str]) -> dict:
+    """``python -m fedprge.simulate *args`` into ``folder`` in its own process: its wall seconds and results."""
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-m", "fedprge.simulate", *args, "--out", str(folder), "--no-progress"], check=True)
+    wall = time.monotonic() - t0
+    run = sorted(folder.glob("*/summary.json"))[-1].parent
+    summary = json.loads((run / "summary.json").read_text())
+    with open(run / "rounds.csv") as f:
+        rounds = list(csv.DictReader(f))
+    from fedprge.config import load_config
+
+    cfg = load_config([run / "config.yaml"])
+    forwards = sum(2 * cfg.zo.q * cfg.federation.local_steps * int(r["ok"]) for r in rounds)
+    return {
+        "run": str(run),
+        "wall_s": wall,
+        "train_s": sum(float(r["seconds"]) for r in rounds),
+        "q": cfg.zo.q,
+        "local_steps": cfg.federation.local_steps,
+        "lr": cfg.zo.lr,
+        "train_replica_forwards": forwards,
+        "uplink_B_per_client_round": summary["uplink_bytes_per_client_round"],
+        "clients_evaluated": summary["clients_evaluated"],
+        "metric": summary["metric"],
+        "means": {m: st["mean"] for m, st in summary["methods"].items()},
+    }
+
+
+def versus(out: Path, rest: list[str]) -> str:
+    """The job with :data:`PREVIOUS` and with today's defaults, one after the other; the table comparing them."""
+    runs = {"previous": timed_run(out / "previous", [*rest, *PREVIOUS]), "today": timed_run(out / "today", rest)}
+    (out / "versus.json").write_text(json.dumps(runs, indent=2))
+    methods = list(runs["today"]["means"])
+    head = ["defaults", "q", "local steps", "lr", "wall s", "training s", "training replica-forwards"]
+    head += ["uplink B/client-round", "clients evaluated", *methods]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for name, r in runs.items():
+        cells = [name, r["q"], r["local_steps"], f"{r['lr']:g}", f"{r['wall_s']:.0f}", f"{r['train_s']:.0f}"]
+        cells += [r["train_replica_forwards"], f"{r['uplink_B_per_client_round']:.0f}", r["clients_evaluated"]]
+        cells += [f"{r['means'].get(m, math.nan):.4f}" for m in methods]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    prev, now = runs["previous"], runs["today"]
+    lines.append(
+        f"\ntoday / previous: wall {now['wall_s'] / prev['wall_s']:.2f}x, "
+        f"training {now['train_s'] / prev['train_s']:.2f}x, "
+        f"forwards {now['train_replica_forwards'] / prev['train_replica_forwards']:.2f}x; mean held-out "
+        f"{now['metric']} of the global B {now['means']['global']:.4f} against {prev['means']['global']:.4f}"
+    )
+    md = "\n".join(lines) + "\n"
+    (out / "versus.md").write_text(md)
+    return md
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="other arguments: fedprge.simulate's")
     p.add_argument("--out", type=Path, default=Path("results/main_job"))
+    p.add_argument("--versus", action="store_true", help="run the previous defaults and today's side by side")
     a, rest = p.parse_known_args(argv)
+    if a.versus:
+        a.out.mkdir(parents=True, exist_ok=True)
+        print(versus(a.out, rest))
+        print(f"results: {a.out}")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for name in ("flwr", "ray", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)

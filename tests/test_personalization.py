@@ -81,6 +81,25 @@ def test_local_adaptation_keeps_the_step_count_with_the_lowest_validation_loss(t
     assert torch.equal(trail[4], task.local_steps(b0, 1, 4, tag=1))  # the trail is the plain trajectory
 
 
+def test_a_b_state_is_evaluated_once_per_split_and_gives_the_numbers_of_a_fresh_evaluation(task):
+    calls = []
+    nll = task.backend.example_nll
+    task.backend.example_nll = lambda b, batch: calls.append(1) or nll(b, batch)  # counts the real forwards
+    try:
+        b = torch.full((task.num_params,), 1e-3)
+        first, val = task.evaluate(b, 3), task.validation_loss(b, 3)
+        n = len(calls)
+        assert n > 0 and task.evaluate(b.clone(), 3) == first and task.validation_loss(b.clone(), 3) == val
+        assert len(calls) == n  # the same values again: no forward
+        task.evaluate(b, 2)
+        other = task.evaluate(b + 1e-3, 3)  # another client, another B: forwards again, other numbers
+        assert len(calls) > n + 1 and other != first
+    finally:
+        task.backend.example_nll = nll
+    fresh = Task(task.cfg, task.backend, task.tokenizer)
+    assert fresh.evaluate(b, 3) == first and fresh.validation_loss(b, 3) == val
+
+
 def test_mix_takes_the_weight_of_lowest_validation_loss(task):
     g = torch.zeros(task.num_params)
     own = task.local_steps(g, 2, 4, tag=7)
