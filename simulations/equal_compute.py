@@ -3,6 +3,7 @@
     python simulations/equal_compute.py                        # SmolLM2: Shakespeare (loss) and tweets (accuracy)
     python simulations/equal_compute.py --settings tweets --qs 2 4
     python simulations/equal_compute.py --settings shakespeare-small tweets-small   # 10 clients, 5 a round, 3 rounds
+    python simulations/equal_compute.py --settings shakespeare-small+round --qs 1   # a step-rule candidate
     python simulations/equal_compute.py --quick                # tiny model, one seed, two grid points (the test)
 
 Every q gets the same forward budget per client-round: ``federation.local_steps * zo.q = --budget`` (40: q = 1
@@ -49,6 +50,12 @@ SETTINGS = {
 }
 SMALL = ["federation.clients=10", "federation.fraction=0.5", "federation.rounds=3"]  # compare.py's scale
 SETTINGS |= {f"{name}-small": [*args, *SMALL] for name, args in SETTINGS.items()}  # ~2-4 min a run, not ~10
+# step-rule candidates, each a setting of its own next to plain P-RGE (the rule zo.clip=2 being the plain one):
+# "normalised" binds on every step (rms(g) >= 0.1 on these tasks), so a step is lr * 0.02 * g / rms(g): normalised
+# SGD, FZOO's idea with the projected gradients' spread for its losses' (its lr grid must be ~30x larger);
+# "round" shares the round's directions between its clients, whose scalars the server averages per direction
+RULES = {"normalised": ["zo.clip=0.02"], "round": ["federation.seed_scope=round"]}
+SETTINGS |= {f"{name}+{rule}": [*SETTINGS[name], *extra] for name in list(SETTINGS) for rule, extra in RULES.items()}
 DEFAULTS = {"seeds": [0, 1, 2], "budget": 40, "grid_lr": [1e-2, 3e-2, 1e-1], "grid_eps": [1e-3, 1e-2]}
 QUICK_DEFAULTS = {"seeds": [0], "budget": 8, "grid_lr": [3e-2, 1e-1], "grid_eps": [1e-2]}
 QUICK = ["federation.clients=4", "federation.rounds=2", "data.max_test_per_client=4"]  # on SMOKE

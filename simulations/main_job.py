@@ -110,6 +110,11 @@ def versus(out: Path, rest: list[str]) -> str:
         f"{now['metric']} of the global B {now['means']['global']:.4f} against {prev['means']['global']:.4f}"
     )
     md = "\n".join(lines) + "\n"
+    for name, r in runs.items():  # each run's main-job table
+        with open(Path(r["run"]) / "clients.csv") as f:
+            clients = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        summary = json.loads((Path(r["run"]) / "summary.json").read_text())
+        md += f"\n{name} defaults: " + markdown(summary, clients)
     (out / "versus.md").write_text(md)
     return md
 
