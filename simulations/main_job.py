@@ -29,7 +29,7 @@ from collections import Counter
 from pathlib import Path
 
 # the main job's defaults before the equal-compute study chose today's (README, "The main job")
-PREVIOUS = ["zo.q=4", "federation.local_steps=10", "zo.lr=0.03"]
+PREVIOUS = ["zo.q=4", "federation.local_steps=10"]
 
 
 def markdown(summary: dict, clients: list[dict[str, float]]) -> str:
