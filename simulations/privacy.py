@@ -15,9 +15,10 @@ model's mean, sigma and the spent epsilon (``summary.json``'s ``privacy`` block)
 seeds. Writes ``privacy.csv`` / ``.md`` / ``.json`` and ``privacy.png`` into ``--out``.
 
 Clip C (``--clip``, default 1, ``privacy.clip``'s default). On tweets a step's raw projected gradients have
-rms 10-30 (README "Stable steps"), so the step rule (``zo.clip=2``) always binds and leaves each step's q=4
-scalars at RMS 2 (L2 4); local mode then clips them to L2 C/sqrt(10), which binds for any C below
-2 sqrt(q local_steps) = 12.6. Once the clip binds, signal per scalar is C/sqrt(q T) against noise sigma C: the
+rms 10-30 (README "Stable steps"), so the step rule (``zo.clip=2``) always binds and leaves each step's q
+scalars at RMS 2 (L2 2 sqrt(q)); local mode then clips them to L2 C/sqrt(T) (T local steps), which binds for any C
+below 2 sqrt(q T) = 12.6 (q T = 40: q = 4, T = 10 when the README's table was measured; q = 2, T = 20 today).
+Once the clip binds, signal per scalar is C/sqrt(q T) against noise sigma C: the
 signal-to-noise ratio does not depend on C, and C only scales the noisy step, whose RMS is about sigma C. With
 sigma 3.7 / 1.3 / 0.84 at epsilon 1 / 4 / 8 (5 rounds, rate 0.5, delta 1/1280), C = 1 keeps that step at RMS
 0.8-3.7, the scale of the step rule's 2 that lr 3e-2 is known to survive. C = 12.6 (no clipping beyond the step
