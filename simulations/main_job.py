@@ -61,6 +61,12 @@ def _number(v: str) -> float:
     return float(v) if v else math.nan
 
 
+def clients_of(run: Path) -> list[dict[str, float]]:
+    """A run folder's ``clients.csv`` as numbers (an empty cell: NaN)."""
+    with open(run / "clients.csv") as f:
+        return [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
 def timed_run(folder: Path, args: list[str]) -> dict:
     """``python -m fedprge.simulate *args`` into ``folder`` in its own process: its wall seconds and results."""
     t0 = time.monotonic()
@@ -111,10 +117,8 @@ def versus(out: Path, rest: list[str]) -> str:
     )
     md = "\n".join(lines) + "\n"
     for name, r in runs.items():  # each run's main-job table
-        with open(Path(r["run"]) / "clients.csv") as f:
-            clients = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
-        summary = json.loads((Path(r["run"]) / "summary.json").read_text())
-        md += f"\n{name} defaults: " + markdown(summary, clients)
+        run = Path(r["run"])
+        md += f"\n{name} defaults: " + markdown(json.loads((run / "summary.json").read_text()), clients_of(run))
     (out / "versus.md").write_text(md)
     return md
 
@@ -140,9 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--resume: use python -m fedprge.simulate --resume RUN_DIR")
     writer = RunWriter(cfg, out=a.out / "run", progress=not no_progress)
     summary = simulate(cfg, writer)
-    with open(writer.dir / "clients.csv") as f:
-        clients = [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(f)]
-    md = markdown(summary, clients)
+    md = markdown(summary, clients_of(writer.dir))
     (a.out / "main_job.md").write_text(md)
     print(md)
     print(f"results: {a.out}")
