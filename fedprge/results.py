@@ -50,6 +50,7 @@ def round_row(
     skipped: bool = False,
     down_seeds: int = 0,
     down_weights: int = 0,
+    replay_directions: int = 0,
     train_loss: float = math.nan,
     reconstruction_error: float = math.nan,
     range_clipped: float = 0.0,
@@ -58,8 +59,10 @@ def round_row(
 
     ``up`` / ``down``: the round's training bytes as :class:`~fedprge.federation.traffic.Traffic` counted them;
     ``sampled``: train messages sent, ``ok``: replies accepted. A count a method has no use for stays 0 and a
-    number it does not measure stays NaN (FedAvg replays nothing: ``reconstruction_error``). ``range_clipped``
-    (``privacy.secagg`` only): the example-weighted share of uplinked values clients clipped to the range."""
+    number it does not measure stays NaN (FedAvg replays nothing: ``reconstruction_error``). ``replay_directions``:
+    the directions the round's train messages (seed catch-ups) make its clients regenerate (a device's cost
+    beside its forwards). ``range_clipped`` (``privacy.secagg`` only): the example-weighted share of uplinked
+    values clients clipped to the range."""
     return {
         "round": rnd,
         "sampled": sampled,
@@ -71,6 +74,7 @@ def round_row(
         "skipped": skipped,
         "down_seeds": down_seeds,
         "down_weights": down_weights,
+        "replay_directions": replay_directions,
         "train_loss": train_loss,
         "uplink_bytes": up,
         "downlink_bytes": down,

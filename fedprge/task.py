@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -62,6 +63,7 @@ class Task:
         self.tokenizer = tokenizer
         self.data: FederatedDataset = load_data(cfg)
         self._metrics: dict[tuple, object] = {}  # see :meth:`_once`
+        self._states: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # see :meth:`state_once`
 
     def _once(self, key: tuple, compute: Callable[[], object]) -> object:
         """``compute()`` for ``key`` once per process: the final evaluation asks for the same (B, split) more than once
@@ -72,6 +74,19 @@ class Task:
                 self._metrics.clear()
             self._metrics[key] = compute()
         return self._metrics[key]
+
+    def state_once(self, key: Hashable, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``compute()``, a B that is a deterministic function of ``key``, once per process (the last 64 kept): the
+        clients a worker runs that last synced at the same round replay the same round updates from the same B,
+        and one replay serves them all, bit for bit. A device replays for itself; the directions it regenerates
+        are counted in ``rounds.csv`` (``replay_directions``)."""
+        if key in self._states:
+            self._states.move_to_end(key)
+        else:
+            self._states[key] = compute()
+            if len(self._states) > 64:
+                self._states.popitem(last=False)
+        return self._states[key].clone()
 
     @property
     def num_params(self) -> int:

@@ -82,3 +82,29 @@ def test_seed_scopes_and_pool():
     assert step_seeds(client, 1, 0, 0) != step_seeds(client, 2, 0, 0)
     drawn = {s for p in range(5) for t in range(10) for s in step_seeds(pool, 3, p, t)}
     assert drawn <= set(pool.pool()) and len(pool.pool()) == 8
+
+
+def test_a_workers_clients_share_one_catch_up_replay_and_get_the_plain_replays_bits():
+    """Clients a worker runs that last synced at the same round replay the same updates from the same B: the memo
+    (``client_app.replay_round``) computes each round's result once, and every client gets B bit for bit as its own
+    plain :func:`catch_up` would."""
+    from fedprge.config import load_config
+    from fedprge.federation.client_app import replay_round
+    from fedprge.federation.updates import catch_up
+    from fedprge.task import Task
+
+    task = Task(load_config(["configs/smoke.yaml"]))
+    gen = torch.Generator().manual_seed(0)
+    ups = [RoundUpdate(r, [100 * r + k for k in range(5)], torch.randn(5, generator=gen).numpy()) for r in (1, 2, 3)]
+    zero = torch.zeros(task.num_params)
+    memo = lambda b, upd: replay_round(task, b, upd)  # noqa: E731
+    plain_1, _ = catch_up(zero, 0, ups[:1], task.zo)
+    plain_3, synced = catch_up(zero, 0, ups, task.zo)
+    assert synced == 3 and not torch.equal(plain_1, plain_3)
+    assert torch.equal(catch_up(zero, 0, ups, task.zo, memo)[0], plain_3)  # a client that never trained
+    assert len(task._states) == 3
+    assert torch.equal(catch_up(plain_1, 1, ups, task.zo, memo)[0], plain_3)  # one synced at round 1: no new replay
+    assert len(task._states) == 3
+    other = RoundUpdate(3, ups[2].seeds, ups[2].coefs * 2)  # another update of round 3: replayed, not mixed up
+    assert not torch.equal(catch_up(zero, 0, [*ups[:2], other], task.zo, memo)[0], plain_3)
+    assert len(task._states) == 4

@@ -104,6 +104,7 @@ def test_thirty_percent_of_clients_dropping_at_random_still_converges(runs, capl
     # rejoining clients got the dense B when their missed seed lists were longer than catchup_max_seeds
     assert sum(int(r["down_weights"]) for r in drop["rounds"]) > 0
     assert sum(int(r["down_seeds"]) for r in drop["rounds"]) > 0
+    assert sum(int(r["replay_directions"]) for r in drop["rounds"]) > 0
     # Convergence, on the clients' training text (what the federation minimizes). Measured on this setup: untrained
     # 10.8124, clean 10.8091 (gain 0.0033), 30% drop 10.8081 (gain 0.0043). The drop run must beat the untrained
     # loss by half the clean gain (0.0016): a run that trained nothing (gain 0) or diverged fails. The held-out loss
@@ -513,6 +514,18 @@ def test_catch_up_sends_seed_lists_or_B_whichever_is_cheaper():
     assert s.state_for(0, 5).kind == "weights"  # four rounds, 80 seeds: ~680 bytes
     assert only_seeds.state_for(0, 5).kind == "seeds"
     assert few.state_for(0, 2).kind == "weights"  # 20 seeds to replay > catchup_max_seeds
+
+
+def test_rounds_csv_counts_the_directions_a_seed_catch_up_makes_its_client_regenerate(identity):
+    from fedprge.federation import downlink
+
+    s = _strategy("federation.catchup=seeds")
+    s.history = {r: _round_update(r, 20 + r) for r in range(1, 5)}
+    assert downlink.replay_directions(downlink.message(7, 4, "train", s.state_for(0, 4))) == 21 + 22 + 23
+    s.synced[0] = 2
+    assert downlink.replay_directions(downlink.message(7, 4, "train", s.state_for(0, 4))) == 23
+    dense = downlink.message(7, 4, "train", GlobalState("weights", b=torch.zeros(P)))
+    assert downlink.replay_directions(dense) == 0
 
 
 def _round_update(rnd: int, n: int):

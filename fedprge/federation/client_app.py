@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedprge.export.run_folder import save_personal_b
 from fedprge.federation import faults, secagg
-from fedprge.federation.protocol import GlobalState, pack_f32
-from fedprge.federation.updates import catch_up, pool_b
+from fedprge.federation.protocol import GlobalState, RoundUpdate, pack_f32
+from fedprge.federation.updates import apply_round, catch_up, pool_b
 from fedprge.personalize import TRAINED_IN_ROUNDS, personalize
-from fedprge.task import Task, client_overrides, load_task
+from fedprge.task import Task, client_overrides, digest, load_task
 
 app = ClientApp(mods=[secagg.client_mod])  # SecAgg+ stage messages go through Flower's secaggplus_mod
 
@@ -54,17 +55,24 @@ def sync_global(task: Task, context: Context, content: RecordDict, keep: bool = 
             raise ValueError(f"downlinked B has {b.numel()} entries; the adapters have {task.num_params}")
         synced = int(content["round"]["round"]) - 1
     elif kind == "pool":
-        b = pool_b(task.spec, state.pool_coefs, task.num_params, task.zo)
+        coefs = np.asarray(state.pool_coefs, dtype=np.float32)
+        b = task.state_once(("pool", coefs.tobytes()), lambda: pool_b(task.spec, coefs, task.num_params, task.zo))
         synced = int(content["round"]["round"]) - 1
     else:
         held = held_b(context, "global")
         b = held if held is not None else torch.zeros(task.num_params)
         synced = int(context.state["sync"]["round"]) if "sync" in context.state else 0
-        b, synced = catch_up(b, synced, state.updates, task.zo)
+        b, synced = catch_up(b, synced, state.updates, task.zo, lambda b, upd: replay_round(task, b, upd))
     if keep:
         context.state["global"] = ArrayRecord(array_dict={"b": Array(b.numpy())})
         context.state["sync"] = ConfigRecord({"round": synced})
     return b
+
+
+def replay_round(task: Task, b: torch.Tensor, upd: RoundUpdate) -> torch.Tensor:
+    """``b`` after the seed-form update ``upd``, memoised per process (:meth:`fedprge.task.Task.state_once`)."""
+    key = (digest(b), upd.rnd, tuple(upd.seeds), np.asarray(upd.coefs, dtype=np.float32).tobytes())
+    return task.state_once(key, lambda: apply_round(b, upd, task.zo))
 
 
 def held_b(context: Context, name: str) -> torch.Tensor | None:

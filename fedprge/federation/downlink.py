@@ -29,6 +29,13 @@ def weights_cheaper(state: GlobalState, dense_bytes: int, max_seeds: int) -> boo
     return 8 * n_seeds >= dense_bytes or content_bytes(RecordDict({"state": state.to_record()})) >= dense_bytes
 
 
+def replay_directions(msg: Message) -> int:
+    """How many directions a seed catch-up message makes its client regenerate (0 for the other forms)."""
+    if str(msg.content["round"]["downlink"]) != "seeds":
+        return 0
+    return sum(len(u.seeds) for u in GlobalState.from_record("seeds", msg.content["state"]).updates)
+
+
 def message(node_id: int, rnd: int, message_type: str, state: GlobalState) -> Message:
     """A ``train`` or ``evaluate`` message of round ``rnd`` carrying ``state`` (wire format in ``protocol.py``)."""
     content = RecordDict({"round": ConfigRecord({"round": rnd, "downlink": state.kind}), "state": state.to_record()})

@@ -17,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fedprge.config import RunConfig, from_yaml, load_config, to_yaml
-from fedprge.federation import checkpoint, secagg_round
+from fedprge.federation import checkpoint, downlink, secagg_round
 from fedprge.federation.evaluation import Evaluated, evaluate
 from fedprge.federation.registry import Client, accept_newcomers, accept_registrations
 from fedprge.federation.strategy import PRGEStrategy
@@ -147,6 +147,7 @@ def run_federation(grid: Grid, cfg: RunConfig, writer: RunWriter | None = None, 
             rejoin(grid, strategy, traffic, refused, crashed)
             msgs = list(strategy.configure_train(rnd))
             kinds = Counter(str(m.content["round"]["downlink"]) for m in msgs)
+            replays = sum(downlink.replay_directions(m) for m in msgs)  # before sending: Flower may take the content
             if cfg.privacy.secagg:  # Flower's SecAgg+: the server only ever holds the round's masked vectors
                 stats, up, down = secagg_round.train_round(grid, strategy, rnd, msgs, traffic)
             else:
@@ -169,6 +170,7 @@ def run_federation(grid: Grid, cfg: RunConfig, writer: RunWriter | None = None, 
                 skipped=stats.skipped,
                 down_seeds=kinds["seeds"],
                 down_weights=kinds["weights"],
+                replay_directions=replays,
                 train_loss=stats.train_loss,
                 reconstruction_error=float(stats.reconstruction_error),
                 range_clipped=stats.range_clipped,

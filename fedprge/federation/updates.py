@@ -7,6 +7,8 @@ server's reconstruction of one client's local steps, to compare with the B it re
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -20,17 +22,24 @@ def apply_round(b: torch.Tensor, update: RoundUpdate, zo: ZOConfig) -> torch.Ten
     return apply_coefficients(b, update.seeds, update.coefs, zo.lr / zo.q, zo.distribution)
 
 
-def catch_up(b: torch.Tensor, synced: int, updates: list[RoundUpdate], zo: ZOConfig) -> tuple[torch.Tensor, int]:
+def catch_up(
+    b: torch.Tensor,
+    synced: int,
+    updates: list[RoundUpdate],
+    zo: ZOConfig,
+    apply: Callable[[torch.Tensor, RoundUpdate], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, int]:
     """Apply the seed updates after round ``synced`` in order; returns B and the round it now reflects.
 
     Rounds already applied are skipped (the server resends when it did not see a node's last reply); a gap
-    raises ValueError."""
+    raises ValueError. ``apply(b, update)``, when given, stands in for :func:`apply_round` (a memoised one)."""
+    apply = apply or (lambda b, upd: apply_round(b, upd, zo))
     for upd in updates:
         if upd.rnd <= synced:
             continue
         if upd.rnd != synced + 1:
             raise ValueError(f"seed update for round {upd.rnd} arrived but this node is at round {synced}")
-        b = apply_round(b, upd, zo)
+        b = apply(b, upd)
         synced = upd.rnd
     return b, synced
 
