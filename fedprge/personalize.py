@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from fedprge.data import encode
-from fedprge.evaluate import mixture_nll, token_nll
+from fedprge.evaluate import mixture_nll
 from fedprge.task import Task
 
 MIX_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -121,7 +121,7 @@ def token_prior(task: Task, b: torch.Tensor, partition: int) -> Personalized:
     labels = encode(task.tokenizer, c.train, max_len)["labels"][:, 1:]  # the tokens a loss is taken on
     pi = torch.bincount(labels[labels != -100], minlength=len(task.tokenizer)).float()
     pi /= pi.sum().clamp(min=1)
-    nll, tgt = token_nll(task.backend, task.tokenizer, b, c.val, max_len)
-    loss = {lam: float(mixture_nll(nll, tgt, pi, lam).mean()) for lam in TOKEN_PRIOR_WEIGHTS}
+    val = task.scores(b, partition, "val")  # the forward finetune's selection already paid for
+    loss = {lam: float(mixture_nll(val.nll, val.tgt, pi, lam).mean()) for lam in TOKEN_PRIOR_WEIGHTS}
     lam = min(TOKEN_PRIOR_WEIGHTS, key=lambda w: (loss[w], w))
     return Personalized(b, {"lambda": lam}, token_prior=(pi, lam))

@@ -30,7 +30,7 @@ from fedprge.engine.backend import Backend, EagerBackend, backend_step, check_de
 from fedprge.engine.estimator import StepRecord, ZOConfig
 from fedprge.engine.seeds import BATCH, DITTO, PERSONAL, private_seeds, step_seeds
 from fedprge.engine.shared_base import resolve_precision
-from fedprge.evaluate import choice_scores, evaluate
+from fedprge.evaluate import Scores, choice_scores, evaluate, score
 from fedprge.privacy import StepPrivatizer, step_rule
 
 
@@ -168,13 +168,20 @@ class Task:
             personal = self.prox(personal, b_global)
         return personal
 
+    def scores(self, b: torch.Tensor, partition: int, split: str) -> Scores:
+        """:func:`~fedprge.evaluate.score` of ``b`` on the client's ``val`` or ``test`` split, once per process: the
+        loss of every method, and a token prior's rescoring, come from it."""
+        c = self.client(partition)
+        examples = {"val": c.val, "test": c.test}[split]
+        return self._once(
+            ("scores", split, partition, digest(b)),
+            lambda: score(self.backend, self.tokenizer, b, examples, self.cfg.data.max_len),
+        )
+
     def validation_loss(self, b: torch.Tensor, partition: int) -> float:
         """Mean target-token NLL of ``b`` on the client's validation split (what personalization selects on)."""
-        c, max_len = self.client(partition), self.cfg.data.max_len
-        key = ("val", partition, digest(b))
-        return self._once(
-            key, lambda: evaluate(self.backend, self.tokenizer, b, c.val, max_len, with_acc=False)["loss"]
-        )
+        s = self.scores(b, partition, "val")
+        return s.total / max(s.count, 1)
 
     def step(
         self, b: torch.Tensor, seeds: list[int], batch: dict[str, torch.Tensor], privatize: StepPrivatizer | None = None
@@ -199,7 +206,14 @@ class Task:
             self._once(
                 ("test", partition, digest(b), bias, prior),
                 lambda: evaluate(
-                    self.backend, self.tokenizer, b, test, max_len, label_bias=bias, token_prior=token_prior
+                    self.backend,
+                    self.tokenizer,
+                    b,
+                    test,
+                    max_len,
+                    label_bias=bias,
+                    token_prior=token_prior,
+                    scores=self.scores(b, partition, "test") if test else None,
                 ),
             )
         )

@@ -83,8 +83,8 @@ def test_local_adaptation_keeps_the_step_count_with_the_lowest_validation_loss(t
 
 def test_a_b_state_is_evaluated_once_per_split_and_gives_the_numbers_of_a_fresh_evaluation(task):
     calls = []
-    nll = task.backend.example_nll
-    task.backend.example_nll = lambda b, batch: calls.append(1) or nll(b, batch)  # counts the real forwards
+    nll = task.backend.token_nll
+    task.backend.token_nll = lambda b, batch: calls.append(1) or nll(b, batch)  # counts the real forwards
     try:
         b = torch.full((task.num_params,), 1e-3)
         first, val = task.evaluate(b, 3), task.validation_loss(b, 3)
@@ -94,10 +94,21 @@ def test_a_b_state_is_evaluated_once_per_split_and_gives_the_numbers_of_a_fresh_
         task.evaluate(b, 2)
         other = task.evaluate(b + 1e-3, 3)  # another client, another B: forwards again, other numbers
         assert len(calls) > n + 1 and other != first
+        # prior rescores finetune's tokens: after finetune's selection and test, not one forward more
+        states = personalize(task, ["finetune"], b, 1)
+        task.evaluate(states["finetune"].b, 1)
+        n = len(calls)
+        p = personalize(task, ["finetune", "prior"], b, 1)["prior"]
+        assert p.chosen["lambda"] > 0 and task.evaluate(p.b, 1, token_prior=p.token_prior) != task.evaluate(p.b, 1)
+        assert len(calls) == n
     finally:
-        task.backend.example_nll = nll
+        task.backend.token_nll = nll
     fresh = Task(task.cfg, task.backend, task.tokenizer)
     assert fresh.evaluate(b, 3) == first and fresh.validation_loss(b, 3) == val
+    # the loss from the per-token pass is, bit for bit, the per-example sums' (what a .pte backend gives)
+    test = task.client(3).test
+    sums, counts = task.backend.example_nll(b, encode(task.tokenizer, test, task.cfg.data.max_len))
+    assert len(test) <= 16 and first["loss"] == float(sums.sum()) / int(counts.sum())
 
 
 def test_mix_takes_the_weight_of_lowest_validation_loss(task):

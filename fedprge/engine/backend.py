@@ -88,10 +88,13 @@ def _pad(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
 
 
-def _example_sums(nll: torch.Tensor, owner: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token NLLs (dup, n) summed per example -> (dup, bs), and the target-token count of each example (bs,)."""
-    sums = torch.zeros(nll.shape[0], batch["input_ids"].shape[0], dtype=torch.float32).index_add_(1, owner, nll)
-    return sums, (batch["labels"][:, 1:] != -100).sum(1)
+def example_sums(nll: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token NLLs (dup, n), in the order of ``batch``'s target tokens, summed per example -> (dup, bs), and the
+    target-token count of each example (bs,)."""
+    sel = batch["labels"][:, 1:] != -100
+    owner = torch.arange(sel.shape[0]).unsqueeze(1).expand_as(sel)[sel]
+    sums = torch.zeros(nll.shape[0], sel.shape[0], dtype=torch.float32).index_add_(1, owner, nll)
+    return sums, sel.sum(1)
 
 
 def _mean_loss(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -148,14 +151,14 @@ class EagerBackend:
         self.trunk = model.base_model  # the decoder without the LM head (e.g. LlamaModel)
         self.head = model.get_output_embeddings()
 
-    def _token_nll(self, b: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """NLL of every target token per replica (dup, n), the target ids (n,) and their examples (n,)."""
+    def _token_nll(self, b: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """NLL of every target token per replica (dup, n) and the target ids (n,)."""
         b = b if b.dim() == 2 else b.unsqueeze(0)
         return self._token_nll_many(b, [batch], b.shape[0])[0]
 
     def _token_nll_many(
         self, b: torch.Tensor, batches: Sequence[Batch], dup: int
-    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """:meth:`_token_nll` of ``len(batches)`` clients in one trunk forward: client k's batch under replicas
         ``b[k*dup:(k+1)*dup]``. Batches need the same number of rows; narrower ones are right-padded (masked and
         unlabelled, which a causal LM's labelled positions never see)."""
@@ -170,22 +173,20 @@ class EagerBackend:
         with self.lora.use(b.to(self.device)), self._replicas(dup, len(batches)):
             hidden = self.trunk(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
         for k, bt in enumerate(batches):
-            bs, t = bt["input_ids"].shape
+            t = bt["input_ids"].shape[1]
             targets = bt["labels"][:, 1:]
             sel = targets != -100  # the same positions in every replica
             tgt = targets[sel]
-            owner = torch.arange(bs).unsqueeze(1).expand_as(targets)[sel]
             h = hidden[k * per_client : (k + 1) * per_client, : t - 1]
             rows = h[sel.repeat(dup, 1).to(self.device)].reshape(dup, -1, h.shape[-1])  # replica-major
             with self._replicas(dup):
                 nll = head_nll(self.head, rows, tgt.to(self.device), self.chunk_rows)
-            out.append((nll.cpu(), tgt, owner))
+            out.append((nll.cpu(), tgt))
         return out
 
     def _nll(self, b: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed NLL per (replica, example) -> (dup, bs), and target-token counts per example (bs,)."""
-        nll, _, owner = self._token_nll(b, batch)
-        return _example_sums(nll, owner, batch)
+        return example_sums(self._token_nll(b, batch)[0], batch)
 
     def _replicas(self, dup: int, groups: int = 1) -> AbstractContextManager:
         return self.shared.replicas(dup, groups) if self.shared is not None else nullcontext()
@@ -212,7 +213,7 @@ class EagerBackend:
         dup = reps.shape[0] // len(bs)
         with torch.no_grad():
             parts = self._token_nll_many(reps, batches, dup)
-        sums = [_example_sums(nll, owner, bt) for (nll, _, owner), bt in zip(parts, batches, strict=True)]
+        sums = [example_sums(nll, bt) for (nll, _), bt in zip(parts, batches, strict=True)]
         return torch.stack([_mean_loss(*s) for s in sums])
 
     def example_nll(self, b: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,5 +223,5 @@ class EagerBackend:
 
     def token_nll(self, b: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            nll, tgt, _ = self._token_nll(b.reshape(1, -1), batch)
+            nll, tgt = self._token_nll(b.reshape(1, -1), batch)
         return nll[0], tgt
