@@ -63,7 +63,7 @@ class Task:
         self.tokenizer = tokenizer
         self.data: FederatedDataset = load_data(cfg)
         self._metrics: dict[tuple, object] = {}  # see :meth:`_once`
-        self._states: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # see :meth:`state_once`
+        self._states: OrderedDict[Hashable, torch.Tensor] = OrderedDict()  # see :meth:`state_once`
 
     def _once(self, key: tuple, compute: Callable[[], object]) -> object:
         """``compute()`` for ``key`` once per process: the final evaluation asks for the same (B, split) more than once

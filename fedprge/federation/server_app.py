@@ -147,7 +147,7 @@ def run_federation(grid: Grid, cfg: RunConfig, writer: RunWriter | None = None, 
             rejoin(grid, strategy, traffic, refused, crashed)
             msgs = list(strategy.configure_train(rnd))
             kinds = Counter(str(m.content["round"]["downlink"]) for m in msgs)
-            replays = sum(downlink.replay_directions(m) for m in msgs)  # before sending: Flower may take the content
+            replays = sum(downlink.replay_directions(m) for m in msgs)
             if cfg.privacy.secagg:  # Flower's SecAgg+: the server only ever holds the round's masked vectors
                 stats, up, down = secagg_round.train_round(grid, strategy, rnd, msgs, traffic)
             else:
