@@ -50,6 +50,25 @@ class TrainResult:
     loss: float  # mean of the 2q perturbed losses over the steps
 
 
+class Memo:
+    """``compute()`` once per key in this process, the ``size`` most recently used results kept."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self._store = size, OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def __call__(self, key: Hashable, compute: Callable[[], object]):
+        if key in self._store:
+            self._store.move_to_end(key)
+        else:
+            self._store[key] = compute()
+            if len(self._store) > self.size:
+                self._store.popitem(last=False)
+        return self._store[key]
+
+
 class Task:
     """Model + adapters + federated data for one run configuration."""
 
@@ -62,31 +81,21 @@ class Task:
         self.backend = backend
         self.tokenizer = tokenizer
         self.data: FederatedDataset = load_data(cfg)
-        self._metrics: dict[tuple, object] = {}  # see :meth:`_once`
-        self._states: OrderedDict[Hashable, torch.Tensor] = OrderedDict()  # see :meth:`state_once`
+        self._metrics = Memo(1024)  # see :meth:`_once`
+        self._states = Memo(64)  # see :meth:`state_once`; a SmolLM2 B is 737 KB
 
     def _once(self, key: tuple, compute: Callable[[], object]) -> object:
         """``compute()`` for ``key`` once per process: the final evaluation asks for the same (B, split) more than once
         (the 0-step candidate of ``finetune`` is the global B; a client that never trained has it as ``personal``),
         and a forward pass is the one thing a CPU evaluation pays for. Exact: the same inputs, the same numbers."""
-        if key not in self._metrics:
-            if len(self._metrics) >= 1024:
-                self._metrics.clear()
-            self._metrics[key] = compute()
-        return self._metrics[key]
+        return self._metrics(key, compute)
 
     def state_once(self, key: Hashable, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """``compute()``, a B that is a deterministic function of ``key``, once per process (the last 64 kept): the
-        clients a worker runs that last synced at the same round replay the same round updates from the same B,
-        and one replay serves them all, bit for bit. A device replays for itself; the directions it regenerates
-        are counted in ``rounds.csv`` (``replay_directions``)."""
-        if key in self._states:
-            self._states.move_to_end(key)
-        else:
-            self._states[key] = compute()
-            if len(self._states) > 64:
-                self._states.popitem(last=False)
-        return self._states[key].clone()
+        """``compute()``, a B that is a deterministic function of ``key``, once per process: the clients a worker runs
+        that last synced at the same round replay the same round updates from the same B, and one replay serves
+        them all, bit for bit. A device replays for itself; the directions it regenerates are counted in
+        ``rounds.csv`` (``replay_directions``)."""
+        return self._states(key, compute).clone()
 
     @property
     def num_params(self) -> int:
@@ -213,7 +222,7 @@ class Task:
                     max_len,
                     label_bias=bias,
                     token_prior=token_prior,
-                    scores=self.scores(b, partition, "test") if test else None,
+                    scores=self.scores(b, partition, "test"),
                 ),
             )
         )

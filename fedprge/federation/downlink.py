@@ -33,7 +33,7 @@ def replay_directions(msg: Message) -> int:
     """How many directions a seed catch-up message makes its client regenerate (0 for the other forms)."""
     if str(msg.content["round"]["downlink"]) != "seeds":
         return 0
-    return sum(len(u.seeds) for u in GlobalState.from_record("seeds", msg.content["state"]).updates)
+    return sum(int(n) for n in msg.content["state"]["sizes"])  # the record's seed count per round (protocol.py)
 
 
 def message(node_id: int, rnd: int, message_type: str, state: GlobalState) -> Message:
